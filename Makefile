@@ -1,0 +1,104 @@
+# code2action: `make` (or `make help`) lists the targets.
+#
+# Variables given on the command line are handed to the Python scripts as
+# arguments, e.g.
+#     make data TASKS=PlaceOnTop EPISODES=10 env.image_size=64
+# runs  .venv/bin/python scripts/generate_data.py TASKS=PlaceOnTop EPISODES=10 env.image_size=64
+# (upper-case names are the scripts' shortcuts, lower-case dotted names are
+# config overrides; the scripts reject unknown ones).  The Makefile's own
+# variables below (PY, PYTHON, PYTEST_ARGS, TB_PORT, ...) are not passed on.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PKGS := envs datamodules lightning_modules callbacks policies
+PYTEST_ARGS ?=
+TB_PORT ?= 6006
+
+export XDG_RUNTIME_DIR ?= /tmp/xdg-runtime-$(shell id -u)
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+# Command-line variables, less the Makefile's own, for the Python scripts.
+# GNU make keeps them in MAKEOVERRIDES in reverse order (and keeps only the
+# last of repeated names), with spaces inside values escaped as "\ ":
+# protect those, filter, and restore the command-line order.
+MAKE_OWN_VARS := PY PYTHON VENV PYTEST_ARGS TB_PORT XDG_RUNTIME_DIR HF_HUB_OFFLINE PYTHONUNBUFFERED
+reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
+ARGS = $(strip $(subst @@SP@@,\ ,$(call reverse,$(filter-out $(addsuffix =%,$(MAKE_OWN_VARS)),$(subst \ ,@@SP@@,$(MAKEOVERRIDES))))))
+
+.PHONY: help install test test-all demo data train-vlm train-dp eval relabel-dp \
+        tensorboard bench clean distclean runtime-dir
+
+help: ## list the targets (default)
+	@echo "usage: make TARGET [NAME=value ...] [key.sub=value ...]"
+	@echo
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
+	@echo
+	@echo "examples:"
+	@echo "  make data TASKS=PlaceOnTop EPISODES=10 env.image_size=64"
+	@echo "  make test PYTEST_ARGS='-k dataset -x'"
+
+install: $(STAMP) ## create .venv, pip install -c constraints.txt -e .[dev], check the Vulkan driver
+
+# Re-run when the dependencies change, or when a top-level package appears
+# (setuptools' editable finder maps only the packages present at install time).
+$(STAMP): setup.cfg pyproject.toml constraints.txt $(wildcard $(addsuffix /__init__.py,$(PKGS)))
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; \
+	    $(PYTHON) -m venv $(VENV) || { echo "install: '$(PYTHON) -m venv' failed (Debian: apt-get install python3-venv)" >&2; exit 1; }; }
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	bash scripts/install_vulkan.sh
+	@touch $@
+
+runtime-dir:
+	@mkdir -p -m 700 "$(XDG_RUNTIME_DIR)" && chmod 700 "$(XDG_RUNTIME_DIR)" 2>/dev/null || true
+
+test: install runtime-dir ## run the tests, without the slow ones (PYTEST_ARGS=... for more pytest options)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: install runtime-dir ## run all the tests, slow ones included
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install runtime-dir ## run scripts/demo.py (command-line variables are passed on)
+	$(PY) scripts/demo.py $(ARGS)
+
+data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (TASKS= EPISODES= DATASET= SEED_START= WORKERS= OUT= key=value)
+	$(PY) scripts/generate_data.py $(ARGS)
+
+train-vlm: ## train the VLM (not yet available, issue 5)
+	@echo "$@: not yet available (see issue 5)" >&2; exit 2
+
+train-dp: ## train the diffusion policy (not yet available, issue 4)
+	@echo "$@: not yet available (see issue 4)" >&2; exit 2
+
+eval: ## evaluate a policy (not yet available, issue 6)
+	@echo "$@: not yet available (see issue 6)" >&2; exit 2
+
+relabel-dp: ## relabel the diffusion-policy data (not yet available, issue 5)
+	@echo "$@: not yet available (see issue 5)" >&2; exit 2
+
+tensorboard: install ## TensorBoard on outputs/ (localhost, TB_PORT=6006)
+	$(PY) -m tensorboard.main --logdir outputs --port $(TB_PORT)
+
+bench: install runtime-dir ## run every benchmarks/*.py with --quick
+	@shopt -s nullglob; files=(benchmarks/[!_]*.py); failed=(); \
+	if [ $${#files[@]} -eq 0 ]; then echo "bench: no benchmarks/*.py"; exit 0; fi; \
+	for f in "$${files[@]}"; do \
+	    echo "== $(PY) $$f --quick"; \
+	    $(PY) "$$f" --quick || failed+=("$$f"); \
+	done; \
+	if [ $${#failed[@]} -ne 0 ]; then echo "bench: failed: $${failed[*]}" >&2; exit 1; fi
+
+clean: ## remove caches and build files (keeps data/, outputs/ and .venv)
+	find . \( -path ./.venv -o -path ./.git -o -path ./data -o -path ./outputs \) -prune -o \
+	    -type d \( -name __pycache__ -o -name .pytest_cache -o -name '*.egg-info' \) -print0 | xargs -0r rm -rf
+	rm -rf build dist
+
+distclean: clean ## clean, and remove .venv too
+	rm -rf $(VENV)

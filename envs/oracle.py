@@ -1,0 +1,97 @@
+"""Run an oracle episode: the task's solver emits code lines, the interpreter runs them.
+
+Every environment step is labelled with the code line whose skill produced the action; the
+first step of each call is its key-step. Executing the oracle through the same interpreter
+that runs learned plans means every oracle line is, by construction, valid API code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .skills import CodeError, Interpreter, SkillAPI
+
+
+@dataclass
+class StepRecord:
+    line: str  # the code of the running skill call
+    key_step: bool  # first step of that call
+
+
+@dataclass
+class Episode:
+    """One rolled-out episode. Arrays are stacked over T steps."""
+
+    task: str
+    seed: int
+    prompt: str
+    objects: list[str]
+    success: bool
+    steps: list[StepRecord] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    observations: list[dict] = field(default_factory=list)  # obs *before* each action
+    failure: str = ""
+
+    @property
+    def key_lines(self) -> list[str]:
+        """The code program: the key-step lines in order."""
+        return [s.line for s in self.steps if s.key_step]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int | None = None,
+             reset: bool = True, obs=None) -> Episode:
+    """Execute code lines (an iterable, possibly a generator reading the scene) in ``env``.
+
+    ``lines`` may be a callable ``api -> iterable`` (the oracle) or a list of key-step lines
+    (a replay). Code errors end the episode as a failure with the reason recorded.
+    """
+    if reset:
+        obs, _ = env.reset(seed=seed)
+    base = env.unwrapped
+    api = SkillAPI(base)
+    interp = Interpreter(api)
+    program = lines(api) if callable(lines) else iter(lines)
+    cap = max_steps or base.max_steps
+    ep = Episode(task=base.task_name, seed=seed, prompt=base.prompt(), objects=list(base.specs), success=False)
+    try:
+        for line in program:
+            skill = interp.execute(line)
+            first = True
+            while True:
+                try:
+                    action = next(skill.gen)
+                except StopIteration as stop:
+                    api.last_ok = bool(stop.value)
+                    if not first:
+                        break
+                    # a call that had nothing to do still takes one (still) step, so that
+                    # every key-step has a frame
+                    action = api.motion.action(np.zeros(3), base.suction.on)
+                    skill.gen = iter(())
+                if len(ep.steps) >= cap:
+                    ep.failure = f"step cap {cap} reached"
+                    break
+                ep.steps.append(StepRecord(line, first))
+                ep.actions.append(action)
+                if record_obs:
+                    ep.observations.append(obs)
+                obs, _, _, _, _ = env.step(action)
+                first = False
+            if ep.failure or skill.name == "done":
+                break
+    except CodeError as e:
+        ep.failure = f"code error: {e}"
+    ep.success = bool(base.evaluate_success()) and not ep.failure.startswith("code error")
+    if not ep.success and not ep.failure:
+        ep.failure = "task not solved"
+    return ep
+
+
+def run_oracle(env, seed: int, **kwargs) -> Episode:
+    """Solve the task of ``env`` for ``seed`` with its scripted oracle."""
+    return run_code(env, env.unwrapped.oracle, seed=seed, **kwargs)
