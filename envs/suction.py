@@ -1,10 +1,11 @@
 """Vacuum gripper emulated with SAPIEN drives, as ClevrSkills' suction cup.
 
-One drive per object links the hand to that object. Released, a drive has zero stiffness and
-damping: it exerts no force. While suction is on and the cup's lip sits on a face of an
-object (the seal test below), the drive of that object is anchored at the current relative
-pose and stiffened, so the object hangs on the cup under gravity and collisions; suction off
-relaxes it again.
+While suction is on and the cup's lip sits on a face of an object (the seal test below), a
+stiff 6-DoF drive is created between the hand and that object, anchored at the cup's lip at
+the current relative pose: the object hangs on the cup under gravity and collisions. Suction
+off removes the drive. (Drives exist only while attached because a PhysX joint disables
+collisions between the two bodies it links: a permanent drive would let the cup pass through
+objects when pushing.)
 """
 
 from __future__ import annotations
@@ -25,32 +26,23 @@ class Suction:
     """Suction state machine; call :meth:`command` once per control step, before physics."""
 
     def __init__(self, scene, hand_link, tcp_link, objects: dict[str, tuple[object, ObjectSpec]]):
+        self._scene = scene.sub_scenes[0]  # one env per process (physx_cpu)
         self._hand = hand_link
         self._tcp = tcp_link
         self._objects = objects
-        self._drives = {name: scene.create_drive(hand_link, sapien.Pose(), actor, sapien.Pose())
-                        for name, (actor, _) in objects.items()}
+        self._drive = None
         self.on = False
         self.attached: str | None = None
-        self.release()
-
-    def _physx(self, name):
-        return self._drives[name]._objs[0]
 
     def release(self) -> None:
-        if self.attached is not None:
-            d = self._physx(self.attached)
-            for axis in ("x", "y", "z", "twist", "swing"):
-                getattr(d, f"set_drive_property_{axis}")(0.0, 0.0, mode="acceleration")
+        if self._drive is not None:
+            self._drive.entity.remove_component(self._drive)
+            self._drive = None
         self.attached = None
 
     def reset(self) -> None:
-        for name in self._drives:
-            d = self._physx(name)
-            for axis in ("x", "y", "z", "twist", "swing"):
-                getattr(d, f"set_drive_property_{axis}")(0.0, 0.0, mode="acceleration")
+        self.release()
         self.on = False
-        self.attached = None
 
     def sealed_object(self) -> str | None:
         """Name of the object whose face the cup lip currently sits on, if any."""
@@ -77,17 +69,17 @@ class Suction:
 
     def _attach(self, name: str) -> None:
         actor, _ = self._objects[name]
-        d = self._physx(name)
         # Anchor at the cup's lip (the TCP), keeping the current cup-to-object transform: a
         # spring at the contact point, so a held object cannot swing like a pendulum.
         hand, tcp = self._hand.pose.sp, self._tcp.pose.sp
-        d.pose_in_parent = hand.inv() * tcp
-        d.pose_in_child = actor.pose.sp.inv() * tcp
+        d = self._scene.create_drive(self._hand._objs[0].entity, hand.inv() * tcp,
+                                     actor._objs[0], actor.pose.sp.inv() * tcp)
         d.set_drive_target(sapien.Pose())
         for axis in ("x", "y", "z"):
             getattr(d, f"set_drive_property_{axis}")(_STIFFNESS, _DAMPING, mode="acceleration")
         d.set_drive_property_twist(_STIFFNESS, _DAMPING, mode="acceleration")
         d.set_drive_property_swing(_STIFFNESS, _DAMPING, mode="acceleration")
+        self._drive = d
         self.attached = name
 
     def state(self) -> np.ndarray:
