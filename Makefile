@@ -16,7 +16,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PKGS := envs datamodules lightning_modules callbacks policies
+PKGS := configs envs datamodules lightning_modules callbacks policies
 PYTEST_ARGS ?=
 TB_PORT ?= 6006
 

@@ -155,6 +155,8 @@ class TabletopEnv(BaseEnv):
         for spec, (x, y, z, yaw) in zip(self.layout.objects, self.layout.poses):
             q = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
             self.actors[spec.name].set_pose(sapien.Pose(p=[x, y, z], q=q))
+            self.actors[spec.name].set_linear_velocity(torch.zeros(1, 3))
+            self.actors[spec.name].set_angular_velocity(torch.zeros(1, 3))
         self.suction.reset()
         self.task_state = {}
 
@@ -212,3 +214,29 @@ class TabletopEnv(BaseEnv):
             lo, hi = uv.min(0), uv.max(0)
             boxes[i] = np.clip([lo[0], lo[1], hi[0], hi[1]], 0, self.image_size)
         return boxes
+
+
+def observation_arrays(obs: dict) -> dict[str, np.ndarray]:
+    """Flatten a ManiSkill observation of this suite (batch of 1) into numpy arrays::
+
+        base_rgb  (H, W, 3) uint8   third-person camera
+        wrist_rgb (H, W, 3) uint8   camera on the hand, looking along the cup
+        qpos      (7,) float32      arm joint positions (rad)
+        qvel      (7,) float32      arm joint velocities (rad/s)
+        tcp_pose  (7,) float32      cup-lip pose in the world: position (m), quaternion wxyz
+        suction   (2,) float32      [suction on, object attached]
+        bboxes    (N, 4) float32    per object (layout order): [x0, y0, x1, y1] pixels in base_rgb
+    """
+    out = {
+        "qpos": obs["agent"]["qpos"][0, :7],
+        "qvel": obs["agent"]["qvel"][0, :7],
+        "tcp_pose": obs["extra"]["tcp_pose"][0],
+        "suction": obs["extra"]["suction"][0],
+        "bboxes": obs["extra"]["bboxes"][0],
+    }
+    out = {k: np.asarray(v.cpu().numpy() if torch.is_tensor(v) else v, dtype=np.float32) for k, v in out.items()}
+    sensors = obs.get("sensor_data", {})
+    for cam, key in (("base_camera", "base_rgb"), ("wrist_camera", "wrist_rgb")):
+        if cam in sensors:
+            out[key] = sensors[cam]["rgb"][0].cpu().numpy().astype(np.uint8)
+    return out

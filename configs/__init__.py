@@ -1,0 +1,95 @@
+"""OmegaConf configs: ``load_config(name, overrides)``.
+
+Each entry point has one YAML file here (``data.yaml``, ``demo.yaml``, ...). A top-level
+``env:`` section is filled from ``env.yaml`` first, so environment defaults live in one place.
+Configs are in struct mode: a misspelt key is an error that lists the valid keys.
+
+Overrides come as ``key=value`` dotlist items (``env.image_size=64``) or as the upper-case
+make variables an entry point declares (``TASKS=PlaceOnTop`` -> ``tasks``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A bad config name, key or value; the message says what is valid."""
+
+
+def _valid_keys(cfg: DictConfig, dotted: str) -> list[str]:
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if isinstance(node, DictConfig) and p in node:
+            node = node[p]
+        else:
+            break
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str, str] | None = None) -> DictConfig:
+    """Load ``configs/<name>.yaml`` with ``env.yaml`` under ``env`` and apply overrides."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config {name!r}; configs: {known}")
+    cfg = OmegaConf.load(path)
+    if "env" in cfg:
+        cfg = OmegaConf.merge({"env": OmegaConf.load(CONFIG_DIR / "env.yaml")}, cfg)
+    OmegaConf.set_struct(cfg, True)
+    dotlist = []
+    aliases = aliases or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if key in aliases:
+            key = aliases[key]
+        elif key.isupper():
+            raise ConfigError(f"unknown variable {key}=; this command takes {sorted(aliases)} "
+                              "or lower-case key=value overrides")
+        dotlist.append(f"{key}={value}")
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        old = OmegaConf.select(cfg, key, default=None)
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist([item]))
+        except (ConfigAttributeError, ConfigKeyError):
+            raise ConfigError(f"unknown config key {key!r} in {name}.yaml; valid keys here: "
+                              f"{_valid_keys(cfg, key)}") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad value for {key!r}: {e}") from None
+        _check_type(key, old, OmegaConf.select(cfg, key))
+    return cfg
+
+
+def _check_type(key: str, old, new) -> None:
+    """Keep the YAML's scalar types: ``episodes=abc`` is an error, ``lr=1`` becomes 1.0."""
+    if old is None or isinstance(old, (DictConfig, list)) or type(old) is type(new):
+        return
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return
+    if isinstance(old, str):  # strings accept anything that was typed (e.g. TASKS=L0)
+        return
+    raise ConfigError(f"{key}={new!r}: expected {type(old).__name__}, like the default {old!r}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def cli_config(name: str, argv: list[str], aliases: dict[str, str] | None = None) -> DictConfig:
+    """Config for a command-line entry point; a bad override exits with one clear error."""
+    import sys
+
+    try:
+        return load_config(name, argv, aliases)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Oracle datasets: HDF5 schema, generation, and (later) PyTorch datasets and DataModules."""

@@ -1,0 +1,118 @@
+"""HDF5 layout of oracle datasets (documented in README, "Data schema").
+
+A dataset folder holds, per task, an index file ``<Task>.h5`` whose ``episodes/`` group has one
+HDF5 *external link* per episode, to ``<Task>/seed_<seed>.h5:/episode``. Each episode file is
+written whole to a temporary name and renamed: a crash never leaves a half-written episode,
+and the index is rebuilt (also atomically) from the episode files. ``manifest.json`` records
+the generator config, version, seeds, counts and success rates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "code2action-oracle"
+VERSION = 1
+RGB_KEYS = ("base_rgb", "wrist_rgb")
+LOW_DIM_KEYS = ("qpos", "qvel", "tcp_pose", "suction", "bboxes")
+STR = h5py.string_dtype("utf-8")
+
+
+class SchemaError(ValueError):
+    """A file that is not a valid dataset of this format/version."""
+
+
+def episode_name(seed: int) -> str:
+    return f"seed_{seed:07d}"
+
+
+def write_episode(path: Path, episode, observations: dict[str, np.ndarray], labels: list[str],
+                  key_steps: list[bool], success_per_step: np.ndarray, objects) -> None:
+    """Atomically write one episode file (``path`` appears complete or not at all).
+
+    ``observations``: stacked arrays (T, ...) as in ``envs.tabletop.observation_arrays``;
+    ``labels``: per-step code (key-step plain, later steps commented); ``objects``: specs.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("episode")
+            g.attrs.update(format=FORMAT, version=VERSION, task=episode.task, seed=episode.seed,
+                           prompt=episode.prompt, success=bool(episode.success), num_steps=len(episode))
+            obs = g.create_group("obs")
+            for k in RGB_KEYS:
+                if k in observations:
+                    a = observations[k]
+                    obs.create_dataset(k, data=a, chunks=(1, *a.shape[1:]), compression="lzf")
+            for k in LOW_DIM_KEYS:
+                obs.create_dataset(k, data=observations[k].astype(np.float32))
+            g.create_dataset("actions", data=np.asarray(episode.actions, dtype=np.float32))
+            g.create_dataset("success", data=np.asarray(success_per_step, dtype=bool))
+            lab = g.create_group("labels/oracle")
+            lab.create_dataset("code", data=np.array(labels, dtype=object), dtype=STR)
+            lab.create_dataset("key_step", data=np.asarray(key_steps, dtype=bool))
+            o = g.create_group("objects")
+            o.create_dataset("name", data=np.array([s.name for s in objects], dtype=object), dtype=STR)
+            o.create_dataset("shape", data=np.array([s.shape for s in objects], dtype=object), dtype=STR)
+            o.create_dataset("colour", data=np.array([s.colour for s in objects], dtype=object), dtype=STR)
+            o.create_dataset("height", data=np.array([s.height for s in objects], dtype=np.float32))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_index(index_path: Path, task: str, seeds: list[int]) -> None:
+    """Atomically (re)write ``<Task>.h5`` linking the given episodes, in seed order."""
+    fd, tmp = tempfile.mkstemp(dir=index_path.parent, prefix=index_path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(format=FORMAT, version=VERSION, task=task, num_episodes=len(seeds))
+            g = f.create_group("episodes")
+            for seed in sorted(seeds):
+                g[episode_name(seed)] = h5py.ExternalLink(f"{task}/{episode_name(seed)}.h5", "/episode")
+        os.replace(tmp, index_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def open_index(path: str | Path) -> h5py.File:
+    """Open a task index file read-only, checking format and version."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as e:
+        raise SchemaError(f"{path}: not a readable HDF5 file ({e})") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise SchemaError(f"{path}: not a {FORMAT} file (format attribute {f.attrs.get('format')!r})")
+    if int(f.attrs.get("version", -1)) != VERSION:
+        version = f.attrs.get("version")
+        f.close()
+        raise SchemaError(f"{path}: format version {version}, this code reads version {VERSION}")
+    if "episodes" not in f:
+        f.close()
+        raise SchemaError(f"{path}: has no 'episodes' group")
+    return f
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
