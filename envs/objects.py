@@ -28,12 +28,12 @@ COLOURS: dict[str, tuple[float, float, float, float]] = {
 # shape -> (prism sections, circumradius in m). All shapes stand on a flat face, so any of them
 # can carry another one: stacking works for every pair.
 SHAPES: dict[str, tuple[int, float]] = {
-    "cube": (4, 0.030),
-    "cylinder": (32, 0.024),
-    "triangle": (3, 0.033),
-    "hexagon": (6, 0.027),
+    "cube": (4, 0.035),
+    "cylinder": (32, 0.028),
+    "triangle": (3, 0.040),
+    "hexagon": (6, 0.032),
 }
-OBJECT_HEIGHT = 0.045  # m, default height of an object
+OBJECT_HEIGHT = 0.05  # m, default height of an object
 TALL_HEIGHT = 0.10  # m, height of the standing objects of Topple
 
 

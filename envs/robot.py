@@ -34,7 +34,7 @@ class PandaSuction(BaseAgent):
     )
     arm_joint_names = [f"panda_joint{i}" for i in range(1, 8)]
     ee_link_name = "panda_hand_tcp"
-    arm_stiffness = 2e3
+    arm_stiffness = 1e4  # stiff enough that the TCP covers the commanded delta in one step
     arm_damping = 2e2
     arm_force_limit = 200
 

@@ -32,9 +32,9 @@ ROBOT_BASE = (-0.615, 0.0, 0.0)
 WORKSPACE_X = (-0.16, 0.14)  # where objects are spawned (m)
 WORKSPACE_Y = (-0.22, 0.22)
 TABLE_COLOUR = (0.62, 0.55, 0.45, 1.0)
-BASE_CAMERA_EYE = [0.30, 0.0, 0.42]
+BASE_CAMERA_EYE = [0.28, 0.0, 0.40]
 BASE_CAMERA_TARGET = [-0.06, 0.0, 0.0]
-BASE_CAMERA_FOV = np.deg2rad(58)
+BASE_CAMERA_FOV = np.deg2rad(56)
 
 
 @dataclass

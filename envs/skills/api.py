@@ -162,14 +162,19 @@ class SkillAPI:
         name = self._actor(actor, "actor").name
         if (direction is None) == (towards is None):
             raise CodeError("push needs exactly one of direction=... or towards=...")
+        start = self.motion.xy(name)
         if towards is not None:
             other = self._actor(towards, "towards").name
-            offset = self.motion.xy(other) - self.motion.xy(name)
-            gap = self.env.specs[name].radius + self.env.specs[other].radius + 0.02
-            return Skill("push", C.push(self.motion, name, offset, max(float(np.linalg.norm(offset)) - gap, 0.0)))
-        if not isinstance(distance, (int, float)) or not 0.0 < distance <= 0.3:
+            if other == name:
+                raise CodeError("cannot push an object towards itself")
+            offset = self.motion.xy(other) - start
+            gap = self.env.specs[name].radius + self.env.specs[other].radius + 0.015
+            length = float(np.linalg.norm(offset))
+            goal = start + offset / max(length, 1e-6) * max(length - gap, 0.0)
+            return Skill("push", C.push(self.motion, name, goal))
+        if not isinstance(distance, (int, float)) or isinstance(distance, bool) or not 0.0 < distance <= 0.3:
             raise CodeError("distance must be a number in (0, 0.3] m")
-        return Skill("push", C.push(self.motion, name, self._direction(direction), float(distance)))
+        return Skill("push", C.push(self.motion, name, start + self._direction(direction) * float(distance)))
 
     def topple(self, actor) -> Skill:
         name = self._actor(actor, "actor").name

@@ -19,8 +19,8 @@ Action = np.ndarray
 SkillGen = Generator[Action, None, bool]
 
 Q_DOWN = np.array([0.0, 1.0, 0.0, 0.0])  # TCP z-axis pointing at the table
-FAST = 0.04  # m per control step (0.8 m/s at 20 Hz)
-SLOW = 0.01
+FAST = 0.025  # m per control step (0.5 m/s at 20 Hz)
+SLOW = 0.008
 CLEARANCE = 0.045  # free height kept above every object while travelling
 
 
@@ -59,12 +59,16 @@ class Motion:
             z += self.tcp()[2] - self.bottom(held)
         return max(z, 0.12)
 
-    def column_height(self, name: str) -> float:
-        """Height of the column standing on ``name`` (its own top, or the top of a stack)."""
+    def column(self, name: str) -> list[str]:
+        """``name`` and the objects standing over its footprint (a stack on it)."""
         base = self.xy(name)
         r = self.env.specs[name].radius
-        return max(self.top(n) for n in self.env.specs
-                   if np.linalg.norm(self.xy(n) - base) < r and n != self.held())
+        return [n for n in self.env.specs
+                if n == name or (np.linalg.norm(self.xy(n) - base) < r and n != self.held())]
+
+    def column_height(self, name: str) -> float:
+        """Height of the column standing on ``name`` (its own top, or the top of a stack)."""
+        return max(self.top(n) for n in self.column(name))
 
     # ------------------------------------------------------------ actions
     def action(self, delta_p: np.ndarray, suction: bool) -> Action:
@@ -162,46 +166,48 @@ def place(m: Motion, name: str, goal_xy_fn, goal_bottom_fn, max_steps: int = 70)
     return m.held() is None
 
 
-def push(m: Motion, name: str, direction: np.ndarray, distance: float, max_steps: int = 90) -> SkillGen:
-    """Push ``name`` along unit xy ``direction`` by ``distance`` with the cup's side, low."""
-    d = direction / np.linalg.norm(direction)
+def push(m: Motion, name: str, goal_xy: np.ndarray, max_steps: int = 100) -> SkillGen:
+    """Push ``name`` (low, with the cup's side) until its centre reaches ``goal_xy``.
+
+    Closed loop: every step the push direction is re-aimed from the object's current position
+    to the goal, so an object that veers sideways is steered back.
+    """
     r = m.env.specs[name].radius
     start_obj = m.xy(name)
-    goal_obj = start_obj + d * distance
+    d0 = goal_xy - start_obj
+    if np.linalg.norm(d0) < 1e-3:
+        return True
+    d0 = d0 / np.linalg.norm(d0)
     z_push = min(0.02, m.top(name) * 0.5)
     standoff = r + 0.03
-    # fly to the approach point, go down beside the object
-    ok = yield from move3d(m, lambda: m.xy(name) - d * standoff, max_steps=40)
+    # fly to the approach point, go down behind the object
+    ok = yield from move3d(m, lambda: m.xy(name) - d0 * standoff, max_steps=40)
     if not ok:
         return False
-    ok = yield from m.servo(lambda: np.array([*(m.xy(name) - d * standoff), z_push]), FAST, False, 0.01, 25)
+    ok = yield from m.servo(lambda: np.array([*(m.xy(name) - d0 * standoff), z_push]), FAST, False, 0.01, 25)
     if not ok:
         return False
     for _ in range(max_steps):
-        obj = m.xy(name)
-        progress = np.dot(obj - start_obj, d)
-        if progress >= distance - 0.005:
+        rem = goal_xy - m.xy(name)
+        if np.linalg.norm(rem) < 0.006 or rem @ d0 <= 0.003:
             break
-        lateral = (obj - start_obj) - d * progress
-        # stay on the line through the object's centre; push from just behind it
-        contact = obj - d * (r + 0.012) - 0.5 * lateral
-        goal = np.array([*(contact + d * 0.02), z_push])
-        yield m.toward(goal, 0.015, False)
+        d = rem / np.linalg.norm(rem)
+        contact = m.xy(name) - d * (r + 0.012)
+        yield m.toward(np.array([*(contact + d * 0.02), z_push]), 0.015, False)
     else:
         return False
     up = m.travel_height()
     yield from m.servo(lambda: np.array([*m.tcp()[:2], up]), FAST, False, 0.015, 20)
-    return float(np.dot(m.xy(name) - start_obj, d)) >= distance - 0.02
+    return float(np.linalg.norm(goal_xy - m.xy(name))) < 0.03
 
 
 def topple(m: Motion, name: str, direction: np.ndarray, max_steps: int = 80) -> SkillGen:
     """Knock over ``name`` (and whatever stands on it) by pushing high on its column."""
     d = direction / np.linalg.norm(direction)
-    spec = m.env.specs[name]
     height = m.column_height(name)
-    z_hit = max(0.6 * height, 0.02)
+    z_hit = max(height - 0.018, 0.02)  # high on the column: it tips instead of sliding
     start = m.xy(name)
-    standoff = spec.radius + 0.035
+    standoff = max(m.env.specs[n].radius for n in m.column(name)) + 0.035
     ok = yield from move3d(m, lambda: start - d * standoff, max_steps=40)
     if not ok:
         return False
