@@ -57,6 +57,12 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
         dotlist.append(f"{key}={value}")
     for item in dotlist:
         key = item.split("=", 1)[0]
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or part not in node:
+                raise ConfigError(f"unknown config key {key!r} in {name}.yaml; valid keys here: "
+                                  f"{sorted(node.keys()) if isinstance(node, DictConfig) else []}")
+            node = node[part]
         old = OmegaConf.select(cfg, key, default=None)
         try:
             cfg.merge_with(OmegaConf.from_dotlist([item]))
@@ -64,14 +70,22 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
             raise ConfigError(f"unknown config key {key!r} in {name}.yaml; valid keys here: "
                               f"{_valid_keys(cfg, key)}") from None
         except OmegaConfBaseException as e:
-            raise ConfigError(f"bad value for {key!r}: {e}") from None
-        _check_type(key, old, OmegaConf.select(cfg, key))
+            raise ConfigError(f"bad value for {key!r}: {str(e).splitlines()[0]}") from None
+        _check_type(key, old, OmegaConf.select(cfg, key, throw_on_resolution_failure=False))
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
     return cfg
 
 
 def _check_type(key: str, old, new) -> None:
     """Keep the YAML's scalar types: ``episodes=abc`` is an error, ``lr=1`` becomes 1.0."""
-    if old is None or isinstance(old, (DictConfig, list)) or type(old) is type(new):
+    if isinstance(old, DictConfig):
+        if isinstance(new, DictConfig):
+            return
+        raise ConfigError(f"{key} is a section; set its keys ({sorted(old.keys())}) instead")
+    if old is None or isinstance(old, list) or type(old) is type(new):
         return
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
         return

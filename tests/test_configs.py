@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
 
 from configs import CONFIG_DIR, ConfigError, _check_type, cli_config, load_config
 
@@ -164,24 +163,18 @@ def test_cli_config_unknown_name_exits_2(capsys):
     assert capsys.readouterr().err.startswith("error: no config 'nope'")
 
 
-# ---------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(strict=True, reason="BUG: a dotted key under a scalar (out.x=1, episodes.x=1) is accepted "
-                                       "and silently turns the scalar into a dict; struct mode is bypassed")
+# ---------------------------------------------------------------------------- former bugs
 @pytest.mark.parametrize("override", ["out.x=1", "episodes.x=1", "env.image_size.x=1"])
 def test_dotted_key_under_scalar_is_rejected(override):
     with pytest.raises(ConfigError):
         load_config("data", [override])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: env=abc replaces the whole env section by a string "
-                                       "(_check_type skips DictConfig defaults)")
 def test_section_replaced_by_scalar_is_rejected():
     with pytest.raises(ConfigError):
         load_config("data", ["env=abc"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 'bad value' message embeds OmegaConf's multi-line "
-                                       "full_key/object_type text, so cli_config prints 3 lines")
 def test_cli_config_bad_value_prints_one_line(capsys):
     with pytest.raises(SystemExit):
         cli_config("data", ["env=[1,2]"])
@@ -190,8 +183,6 @@ def test_cli_config_bad_value_prints_one_line(capsys):
     assert len(err.splitlines()) == 1, err
 
 
-@pytest.mark.xfail(strict=True, raises=InterpolationKeyError, reason="BUG: an unresolvable interpolation (workers=${oops}) raises "
-                                       "omegaconf InterpolationKeyError instead of ConfigError / exit 2")
 def test_cli_config_bad_interpolation_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli_config("data", ["workers=${oops}"])
