@@ -100,11 +100,11 @@ def open_index(path: str | Path) -> h5py.File:
         f = h5py.File(path, "r")
     except (OSError, FileNotFoundError) as e:
         raise SchemaError(f"{path}: not a readable HDF5 file ({e})") from None
-    if f.attrs.get("format") != FORMAT:
+    fmt, version = f.attrs.get("format"), f.attrs.get("version")
+    if fmt != FORMAT:
         f.close()
-        raise SchemaError(f"{path}: not a {FORMAT} file (format attribute {f.attrs.get('format')!r})")
-    if int(f.attrs.get("version", -1)) != VERSION:
-        version = f.attrs.get("version")
+        raise SchemaError(f"{path}: not a {FORMAT} file (format attribute {fmt!r})")
+    if version is None or int(version) != VERSION:
         f.close()
         raise SchemaError(f"{path}: format version {version}, this code reads version {VERSION}")
     if "episodes" not in f:

@@ -1,0 +1,141 @@
+"""Oracle data generation to HDF5 with the real simulator: schema, labels, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from datamodules import schema
+from datamodules.labels import is_key_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "generate_data.py"
+
+
+def _generate(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(SCRIPT), f"OUT={out}", "env.image_size=32", *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    _generate(out, "TASKS=PlaceNextTo,Swap", "EPISODES=2")
+    return out
+
+
+def test_index_manifest_and_episode_schema(dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["format"] == schema.FORMAT and manifest["version"] == schema.VERSION
+    for task in ("PlaceNextTo", "Swap"):
+        info = manifest["tasks"][task]
+        assert info["episodes"] == 2 and info["seeds"] == sorted(info["seeds"])
+        with schema.open_index(dataset / f"{task}.h5") as f:
+            names = list(f["episodes"])
+            assert names == [schema.episode_name(s) for s in info["seeds"]]
+            ep = f["episodes"][names[0]]
+            T = int(ep.attrs["num_steps"])
+            assert ep.attrs["task"] == task and bool(ep.attrs["success"])
+            assert ep["obs/base_rgb"].shape == (T, 32, 32, 3) and ep["obs/base_rgb"].dtype == np.uint8
+            assert ep["obs/base_rgb"].chunks == (1, 32, 32, 3) and ep["obs/base_rgb"].compression
+            assert ep["obs/wrist_rgb"].shape == (T, 32, 32, 3)
+            assert ep["obs/qpos"].shape == (T, 7) and ep["obs/tcp_pose"].shape == (T, 7)
+            assert ep["obs/suction"].shape == (T, 2)
+            assert ep["obs/bboxes"].shape == (T, 3, 4)
+            assert ep["actions"].shape == (T, 7) and ep["actions"].dtype == np.float32
+            assert ep["success"][-1] and not ep["success"][0]
+            assert list(ep["objects/name"].asstr()[:]) == [f"{c} {s}" for c, s in
+                                                         zip(ep["objects/colour"].asstr()[:], ep["objects/shape"].asstr()[:])]
+            code = list(ep["labels/oracle/code"].asstr()[:])
+            key = ep["labels/oracle/key_step"][:]
+            assert len(code) == T and key[0]
+            assert [is_key_step(c) for c in code] == list(key)
+            for prev, cur, k in zip(code, code[1:], key[1:]):
+                if not k:  # later steps of a call: the same line, commented out
+                    assert cur == "# " + prev.removeprefix("# ")
+            assert code[-1] == "done()"
+
+
+def test_same_command_gives_identical_labels_and_actions(dataset, tmp_path):
+    _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=2", "WORKERS=2")
+    with schema.open_index(dataset / "PlaceNextTo.h5") as a, schema.open_index(tmp_path / "PlaceNextTo.h5") as b:
+        assert list(a["episodes"]) == list(b["episodes"])
+        for name in a["episodes"]:
+            ea, eb = a["episodes"][name], b["episodes"][name]
+            np.testing.assert_array_equal(ea["actions"][:], eb["actions"][:])
+            assert list(ea["labels/oracle/code"].asstr()[:]) == list(eb["labels/oracle/code"].asstr()[:])
+
+
+def test_rerun_is_a_no_op(dataset):
+    before = {p: p.stat().st_mtime_ns for p in (dataset / "Swap").iterdir()}
+    r = _generate(dataset, "TASKS=Swap", "EPISODES=2")
+    assert "Swap" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in (dataset / "Swap").iterdir()} == before
+
+
+def test_kill_9_then_rerun_completes_without_duplicates(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), f"OUT={tmp_path}", "env.image_size=32", "TASKS=PlaceOnTop", "EPISODES=6"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    folder = tmp_path / "PlaceOnTop"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if folder.is_dir() and len([p for p in folder.iterdir() if p.suffix == ".h5"]) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the generator and its workers
+    proc.wait()
+    done_before = sorted(p.name for p in folder.iterdir() if p.suffix == ".h5")
+    assert 2 <= len(done_before) < 6
+    _generate(tmp_path, "TASKS=PlaceOnTop", "EPISODES=6")
+    with schema.open_index(tmp_path / "PlaceOnTop.h5") as f:
+        names = list(f["episodes"])
+        assert names == [schema.episode_name(s) for s in range(6)]  # exact coverage, seed order
+        for name in names:
+            ep = f["episodes"][name]
+            assert bool(ep.attrs["success"]) and ep["actions"].shape[0] == ep.attrs["num_steps"]
+            ep["obs/base_rgb"][-1]  # readable to the last frame
+    # episodes finished before the kill were kept, not rewritten
+    for name in done_before:
+        assert (folder / name).exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["TASKS=Nope"], "unknown task or level 'Nope'"),
+    (["EPISODE=3"], "unknown variable EPISODE="),
+    (["env.imagesize=3"], "valid keys here: ['backend', 'image_size']"),
+    (["episodes=many"], "expected int"),
+])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = _generate(out, *args, check=False)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not out.exists()
+
+
+def test_foreign_files_are_rejected(tmp_path):
+    bad = tmp_path / "x.h5"
+    with h5py.File(bad, "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(schema.SchemaError, match="not a code2action-oracle file"):
+        schema.open_index(bad)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
+    with pytest.raises(schema.SchemaError, match="not a readable HDF5 file"):
+        schema.open_index(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "v0.h5", "w") as f:
+        f.attrs.update(format=schema.FORMAT, version=0)
+    with pytest.raises(schema.SchemaError, match="version 0"):
+        schema.open_index(tmp_path / "v0.h5")
