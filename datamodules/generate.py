@@ -147,6 +147,10 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
     bar.close()
     seeds = kept()
     schema.write_index(out / f"{task}.h5", task, seeds)
+    if seeds:
+        from .stats import compute_stats
+
+        compute_stats(out / f"{task}.h5")
     tried = sorted(s for s in list(ok) + list(failed) if s <= (seeds[-1] if seeds else last))
     reasons: dict[str, int] = {}
     for s in tried:

@@ -48,3 +48,50 @@ def extract_memory_info(memory: list[str], empty: str = DEFAULT_EMPTY_MEMORY_INF
     """ExtractMemoryInfo: the ``pose_dict`` assignments of the memory, joined by newlines."""
     kept = [line for line in memory if POSE_DICT_ASSIGNMENT.match(line)]
     return "\n".join(kept) if kept else empty
+
+
+def shift_boundaries(key_steps, k: int, rng) -> list[bool]:
+    """Shifted-oracle key-step flags (paper 5.2, dataset-generation ablation).
+
+    Every subtask boundary (a key-step after the first) moves by a uniform integer in
+    [-k, k]; boundaries stay strictly increasing and every subtask keeps at least one step.
+    ``rng`` is a ``numpy.random.Generator`` (seed it for determinism).
+    """
+    flags = [bool(f) for f in key_steps]
+    T = len(flags)
+    starts = [t for t, f in enumerate(flags) if f]
+    if k <= 0 or len(starts) < 2:
+        return flags
+    inner = starts[1:]
+    shifted = [b + int(rng.integers(-k, k + 1)) for b in inner]
+    prev = starts[0]
+    out = []
+    for i, b in enumerate(shifted):
+        room = T - (len(shifted) - i)  # leave one step for each later subtask
+        b = min(max(b, prev + 1), room)
+        out.append(b)
+        prev = b
+    new = [False] * T
+    new[starts[0]] = True
+    for b in out:
+        new[b] = True
+    return new
+
+
+def relabel(labels: list[str], key_steps: list[bool]) -> list[str]:
+    """Per-step labels for new key-step flags: each step runs the code of the last key-step."""
+    lines = []
+    current = uncomment(labels[0])
+    calls = [uncomment(label) for label, flag in zip(labels, [is_key_step(x) for x in labels]) if flag]
+    idx = -1
+    for key in key_steps:
+        if key:
+            idx += 1
+            current = calls[min(idx, len(calls) - 1)]
+        lines.append(current)
+    return step_labels(lines, key_steps)
+
+
+def shifted_labels(labels: list[str], k: int, rng) -> list[str]:
+    """Oracle labels with every subtask boundary shifted by up to ``k`` steps."""
+    return relabel(labels, shift_boundaries([is_key_step(x) for x in labels], k, rng))

@@ -1,0 +1,148 @@
+"""PyTorch dataset over oracle HDF5 files: one sample per environment step.
+
+Labels (a few strings per episode) are read once at construction; images and low-dim arrays
+are read lazily per sample from per-process file handles (safe with DataLoader workers and
+fork or spawn), one chunk (one frame) per camera.
+
+A sample is a dict::
+
+    base_rgb, wrist_rgb  (3, H, W) uint8     cameras at step t
+    proprio              (21,) float32       qpos (7), qvel (7), tcp_pose (7)
+    suction              (2,) float32        suction on, object attached
+    actions              (horizon, 7) float32  actions t .. t+horizon-1, the last one repeated
+    action_mask          (horizon,) bool     False on the padded (repeated) entries
+    instruction          str                 the step's code label (key-step or commented)
+    cache_info           str                 ExtractMemoryInfo of the memory
+    memory               str                 key-step lines before t, newline-joined
+    prompt               str                 the natural-language task prompt
+    key_step             bool
+    task, episode, t     str, str, int
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import schema
+from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, shifted_labels
+
+
+@dataclass
+class _Episode:
+    file: str
+    name: str
+    task: str
+    seed: int
+    prompt: str
+    length: int
+    labels: list[str]
+    key_t: list[int]  # steps that are key-steps
+    key_lines: list[str]
+
+
+class OracleStepDataset(Dataset):
+    """Steps of the episodes in ``files`` (task index files, ``<Task>.h5``)."""
+
+    def __init__(self, files, horizon: int = 16, label_set: str = "oracle", shift_k: int = 0,
+                 shift_seed: int = 0, empty_memory_info: str = DEFAULT_EMPTY_MEMORY_INFO,
+                 select: Callable[[str, int], bool] | None = None, load_images: bool = True):
+        self.files = [str(f) for f in files]
+        self.horizon = int(horizon)
+        self.empty_memory_info = empty_memory_info
+        self.load_images = load_images
+        self.episodes: list[_Episode] = []
+        for path in self.files:
+            with schema.open_index(path) as f:
+                task = str(f.attrs["task"])
+                for name in f["episodes"]:
+                    seed = int(name[5:])
+                    if select is not None and not select(task, seed):
+                        continue
+                    ep = f["episodes"][name]
+                    group = f"labels/{label_set}"
+                    if group not in ep:
+                        raise schema.SchemaError(f"{path}:{name} has no label set {label_set!r}; "
+                                                 f"has {sorted(ep['labels'])}")
+                    labels = list(ep[f"{group}/code"].asstr()[:])
+                    if shift_k > 0:
+                        labels = shifted_labels(labels, shift_k, np.random.default_rng([shift_seed, seed]))
+                    key_t = [t for t, lab in enumerate(labels) if is_key_step(lab)]
+                    self.episodes.append(_Episode(path, name, task, seed, str(ep.attrs["prompt"]),
+                                                  int(ep.attrs["num_steps"]), labels, key_t,
+                                                  [labels[t] for t in key_t]))
+        self._offsets = np.cumsum([0] + [e.length for e in self.episodes])
+        self._handles: dict[str, object] = {}
+        self._groups: dict[tuple[str, str], object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _group(self, ep: _Episode):
+        """The episode's HDF5 group, opened once per process (external links stay open)."""
+        if self._pid != os.getpid():  # new worker process: never share HDF5 handles
+            self._handles, self._groups, self._pid = {}, {}, os.getpid()
+        key = (ep.file, ep.name)
+        if key not in self._groups:
+            if ep.file not in self._handles:
+                self._handles[ep.file] = schema.open_index(ep.file)
+            self._groups[key] = self._handles[ep.file]["episodes"][ep.name]
+        return self._groups[key]
+
+    def locate(self, index: int) -> tuple[_Episode, int]:
+        e = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return self.episodes[e], int(index - self._offsets[e])
+
+    def memory(self, ep: _Episode, t: int) -> list[str]:
+        return ep.key_lines[: bisect.bisect_left(ep.key_t, t)]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        ep, t = self.locate(index)
+        g = self._group(ep)
+        end = min(t + self.horizon, ep.length)
+        actions = g["actions"][t:end]
+        pad = self.horizon - len(actions)
+        mask = np.ones(self.horizon, dtype=bool)
+        if pad:
+            actions = np.concatenate([actions, np.repeat(actions[-1:], pad, axis=0)])
+            mask[-pad:] = False
+        memory = self.memory(ep, t)
+        sample = {
+            "proprio": torch.from_numpy(np.concatenate([g["obs/qpos"][t], g["obs/qvel"][t], g["obs/tcp_pose"][t]])),
+            "suction": torch.from_numpy(g["obs/suction"][t]),
+            "actions": torch.from_numpy(actions.astype(np.float32)),
+            "action_mask": torch.from_numpy(mask),
+            "instruction": ep.labels[t],
+            "cache_info": extract_memory_info(memory, self.empty_memory_info),
+            "memory": "\n".join(memory),
+            "prompt": ep.prompt,
+            "key_step": is_key_step(ep.labels[t]),
+            "task": ep.task,
+            "episode": ep.name,
+            "t": t,
+        }
+        if self.load_images:
+            for k in schema.RGB_KEYS:
+                sample[k] = torch.from_numpy(g[f"obs/{k}"][t]).permute(2, 0, 1).contiguous()
+        return sample
+
+
+def dataset_files(folder, tasks: list[str]) -> list[Path]:
+    """Index files of ``tasks`` in a dataset folder; a clear error names what is missing."""
+    folder = Path(folder)
+    files = [folder / f"{t}.h5" for t in tasks]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing dataset files {missing}; generate them with "
+                                f"`make data TASKS={','.join(tasks)} OUT={folder}`")
+    return files

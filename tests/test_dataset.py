@@ -1,0 +1,144 @@
+"""Shifted labels, grounding VQA, normalisation statistics and the step dataset on real files."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.dataset import OracleStepDataset, dataset_files
+from datamodules.grounding import grid_cell, vqa_samples
+from datamodules.labels import is_key_step, shift_boundaries, shifted_labels, step_labels
+from datamodules.stats import load_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={out}",
+                        "TASKS=PlaceNextTo,Swap", "EPISODES=2", "env.image_size=32"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+# ------------------------------------------------------------------ shifted-oracle labels
+TRACE = step_labels(["a()"] * 5 + ["b()"] * 6 + ["c()"] * 4 + ["d()"] * 3,
+                    [True, 0, 0, 0, 0, True, 0, 0, 0, 0, 0, True, 0, 0, 0, True, 0, 0])
+
+
+def test_shift_moves_boundaries_within_k_and_keeps_order():
+    flags = [is_key_step(x) for x in TRACE]
+    starts = [t for t, f in enumerate(flags) if f]
+    seen = set()
+    for seed in range(200):
+        new = shift_boundaries(flags, 2, np.random.default_rng(seed))
+        new_starts = [t for t, f in enumerate(new) if f]
+        assert len(new_starts) == len(starts) and new_starts[0] == 0
+        assert all(b > a for a, b in zip(new_starts, new_starts[1:]))
+        assert all(abs(n - o) <= 2 for n, o in zip(new_starts, starts))
+        seen.add(tuple(new_starts))
+    assert len(seen) > 20  # it does shift
+
+
+def test_shifted_labels_are_deterministic_and_well_formed():
+    a = shifted_labels(TRACE, 3, np.random.default_rng(7))
+    b = shifted_labels(TRACE, 3, np.random.default_rng(7))
+    assert a == b and len(a) == len(TRACE)
+    keys = [x for x in a if is_key_step(x)]
+    assert keys == ["a()", "b()", "c()", "d()"]
+    for prev, cur in zip(a, a[1:]):
+        if not is_key_step(cur):
+            assert cur == "# " + prev.removeprefix("# ")
+    assert shifted_labels(TRACE, 0, np.random.default_rng(0)) == TRACE
+
+
+# ------------------------------------------------------------------ grounding VQA
+def test_grid_cells_and_vqa():
+    assert grid_cell([0, 0, 12, 12], 128) == (0, 0)
+    assert grid_cell([120, 60, 128, 70], 128) == (9, 5)
+    assert grid_cell([60, 120, 70, 128], 128, n=4) == (2, 3)
+    boxes = np.array([[10, 10, 20, 20], [100, 100, 120, 120]], dtype=float)
+    qa = vqa_samples(["red cube", "blue cylinder"], boxes, 128, np.random.default_rng(0), negatives=2)
+    assert ("Where is the red cube?", "(1, 1)") in qa
+    assert ("Is there a blue cylinder at (8, 8)?", "yes") in qa
+    negatives = [(q, a) for q, a in qa if a == "no"]
+    assert len(negatives) == 4
+    assert all("(1, 1)" not in q for q, a in negatives if "red cube" in q)
+
+
+# ------------------------------------------------------------------ dataset
+def test_dataset_samples_have_documented_shapes(data):
+    files = dataset_files(data, ["PlaceNextTo", "Swap"])
+    ds = OracleStepDataset(files, horizon=16)
+    assert len(ds) == sum(e.length for e in ds.episodes)
+    s = ds[0]
+    assert s["base_rgb"].shape == (3, 32, 32) and s["base_rgb"].dtype == torch.uint8
+    assert s["proprio"].shape == (21,) and s["suction"].shape == (2,)
+    assert s["actions"].shape == (16, 7) and s["action_mask"].all()
+    assert s["key_step"] and s["memory"] == "" and s["cache_info"] == "None"
+    assert s["instruction"].startswith("pose_dict['target'] = free_space_next_to(")
+    # an assignment holds one step; then the move starts with the assignment in memory
+    s1, s2 = ds[1], ds[2]
+    assert s1["instruction"].startswith("move3d(") and s1["key_step"]
+    assert s1["cache_info"] == s["instruction"] == s1["memory"]
+    assert s2["instruction"] == "# " + s1["instruction"] and not s2["key_step"]
+    assert s2["memory"] == s["instruction"] + "\n" + s1["instruction"]
+    assert s2["cache_info"] == s["instruction"]
+
+
+def test_action_chunks_pad_with_the_last_action(data):
+    ds = OracleStepDataset(dataset_files(data, ["PlaceNextTo"]), horizon=16)
+    ep = ds.episodes[0]
+    last = ds[ep.length - 1]
+    assert last["action_mask"].sum() == 1
+    assert torch.equal(last["actions"][0], last["actions"][-1])
+    mid = ds[ep.length - 5]
+    assert mid["action_mask"].sum() == 5
+    assert torch.equal(mid["actions"][4], mid["actions"][10])
+
+
+def test_swap_cache_info_keeps_stored_poses_all_episode(data):
+    ds = OracleStepDataset(dataset_files(data, ["Swap"]))
+    ep = ds.episodes[0]
+    start = sum(e.length for e in ds.episodes[:0])
+    late = ds[start + ep.length - 2]
+    assert late["cache_info"].count("pose_dict[") == 3
+    assert "move3d(" not in late["cache_info"] and "move3d(" in late["memory"]
+
+
+def test_shifted_dataset_and_label_set_errors(data):
+    files = dataset_files(data, ["Swap"])
+    plain = OracleStepDataset(files, shift_k=0)
+    shifted = OracleStepDataset(files, shift_k=3, shift_seed=1)
+    assert [e.key_lines for e in plain.episodes] == [e.key_lines for e in shifted.episodes]
+    assert any(a.key_t != b.key_t for a, b in zip(plain.episodes, shifted.episodes))
+    from datamodules.schema import SchemaError
+
+    with pytest.raises(SchemaError, match="no label set 'vlm'"):
+        OracleStepDataset(files, label_set="vlm")
+    with pytest.raises(FileNotFoundError, match="make data TASKS=Topple"):
+        dataset_files(data, ["Topple"])
+
+
+def test_dataloader_with_workers(data):
+    ds = OracleStepDataset(dataset_files(data, ["PlaceNextTo", "Swap"]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=2,
+                                         multiprocessing_context="spawn")
+    batch = next(iter(loader))
+    assert batch["base_rgb"].shape == (8, 3, 32, 32) and len(batch["instruction"]) == 8
+
+
+def test_normalisation_stats_match_the_data(data):
+    files = dataset_files(data, ["PlaceNextTo", "Swap"])
+    st = load_stats(files)
+    ds = OracleStepDataset(files, horizon=1, load_images=False)
+    actions = np.stack([ds[i]["actions"][0].numpy() for i in range(len(ds))])
+    np.testing.assert_allclose(st["actions"]["mean"], actions.mean(0), atol=1e-5)
+    np.testing.assert_allclose(st["actions"]["std"], actions.std(0), atol=1e-5)
+    np.testing.assert_allclose(st["actions"]["max"], actions.max(0), atol=1e-6)
+    assert st["qpos"]["count"] == len(ds)
