@@ -46,6 +46,20 @@ def resolve_tasks(spec) -> list[str]:
     return names
 
 
+def cli_tasks(spec) -> list[str]:
+    """For entry points: the tasks of ``spec`` after checking the Vulkan driver; a bad name or
+    a missing driver prints one ``error:`` message and exits with code 2."""
+    import sys
+
+    try:
+        tasks = resolve_tasks(spec)
+        check_vulkan()
+    except (UnknownTaskError, VulkanDriverMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return tasks
+
+
 def render_backend(name: str = "auto") -> str:
     """'auto' renders on the GPU when torch sees CUDA, else on the CPU (lavapipe)."""
     if name != "auto":
@@ -78,5 +92,5 @@ def make_env(task: str, *, image_size: int = 128, obs_mode: str = "rgb", backend
     return env.unwrapped
 
 
-__all__ = ["make_env", "resolve_tasks", "render_backend", "TASKS", "LEVELS", "ENV_ID",
+__all__ = ["make_env", "resolve_tasks", "cli_tasks", "render_backend", "TASKS", "LEVELS", "ENV_ID",
            "UnknownTaskError", "VulkanDriverMissing", "check_vulkan"]

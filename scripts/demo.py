@@ -21,12 +21,7 @@ def main(argv: list[str]) -> int:
     from envs.tabletop import observation_arrays
     from envs.video import caption, grid, write_mp4, write_png
 
-    try:
-        tasks = envs.resolve_tasks(cfg.tasks)
-        envs.check_vulkan()
-    except (envs.UnknownTaskError, envs.VulkanDriverMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tasks = envs.cli_tasks(cfg.tasks)
     out = Path(cfg.out)
     rows, titles, failures = [], [], 0
     for task in tasks:

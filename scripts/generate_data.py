@@ -13,12 +13,7 @@ def main(argv: list[str]) -> int:
     import envs
     from datamodules.generate import generate
 
-    try:
-        tasks = envs.resolve_tasks(cfg.tasks)
-        envs.check_vulkan()
-    except (envs.UnknownTaskError, envs.VulkanDriverMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tasks = envs.cli_tasks(cfg.tasks)
     print(to_yaml(cfg))
     manifest = generate(cfg, tasks)
     print(f"\n{'task':<14}{'episodes':>9}{'tried':>7}{'success':>9}  failures")
