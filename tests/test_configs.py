@@ -70,25 +70,6 @@ def test_wrong_type_raises(override):
         load_config("data", [override])
 
 
-def test_int_to_float_if_a_float_key_exists():
-    def floats(node, prefix=""):
-        for k, v in node.items():
-            path = f"{prefix}{k}"
-            if isinstance(v, DictConfig):
-                yield from floats(v, path + ".")
-            elif isinstance(v, float):
-                yield path
-
-    for name in _yaml_names():
-        if name == "env":
-            continue
-        cfg = load_config(name)
-        keys = list(floats(cfg))
-        if keys:
-            cfg = load_config(name, [f"{keys[0]}=1"])
-            assert OmegaConf.select(cfg, keys[0]) == 1
-            return
-    pytest.skip("no float-valued key in any config")
 
 
 def test_check_type_int_into_float_and_bool_not():
