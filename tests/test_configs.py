@@ -70,8 +70,6 @@ def test_wrong_type_raises(override):
         load_config("data", [override])
 
 
-
-
 def test_check_type_int_into_float_and_bool_not():
     _check_type("lr", 0.1, 1)  # accepted
     with pytest.raises(ConfigError):
