@@ -79,16 +79,13 @@ def shift_boundaries(key_steps, k: int, rng) -> list[bool]:
 
 
 def relabel(labels: list[str], key_steps: list[bool]) -> list[str]:
-    """Per-step labels for new key-step flags: each step runs the code of the last key-step."""
-    lines = []
-    current = uncomment(labels[0])
-    calls = [uncomment(label) for label, flag in zip(labels, [is_key_step(x) for x in labels]) if flag]
-    idx = -1
+    """Per-step labels for new key-step flags: the calls keep their order, each step runs the
+    call of the last key-step at or before it."""
+    calls = [label for label in labels if is_key_step(label)]
+    lines, idx = [], -1
     for key in key_steps:
-        if key:
-            idx += 1
-            current = calls[min(idx, len(calls) - 1)]
-        lines.append(current)
+        idx = min(idx + key, len(calls) - 1)
+        lines.append(calls[max(idx, 0)])
     return step_labels(lines, key_steps)
 
 

@@ -23,21 +23,20 @@ PHRASES = {"left": "to the left of", "right": "to the right of", "behind": "behi
 @register_task("PlaceNextTo", level="L0", max_steps=250)
 class PlaceNextTo(TabletopEnv):
     def sample_layout(self, rng):
-        objects = sample_objects(rng, 3)
-        poses = place_apart(rng, objects)
-        # choose a side with room: inside the reach and away from the third object
-        a, b, c = objects
-        sides = []
-        for side, d in DIRECTIONS.items():
-            spot = np.array(poses[1][:2]) + d * (a.radius + b.radius + 0.03)
-            room = np.hypot(*(spot - np.array(poses[2][:2]))) > a.radius + c.radius + 0.03
-            inside = -0.18 <= spot[0] <= 0.15 and -0.22 <= spot[1] <= 0.22
-            if room and inside and np.hypot(*(spot - np.array(poses[0][:2]))) > 0.0:
-                sides.append(side)
-        side = str(rng.choice(sorted(sides))) if sides else "front"
-        if not sides:  # resample a layout with room (rare)
-            return self.sample_layout(rng)
-        return Layout(objects, poses, {"obj": a.name, "target": b.name, "direction": side})
+        while True:  # resample until some side of the reference has room (almost always at once)
+            objects = sample_objects(rng, 3)
+            poses = place_apart(rng, objects)
+            a, b, c = objects
+            sides = []
+            for side, d in DIRECTIONS.items():
+                spot = np.array(poses[1][:2]) + d * (a.radius + b.radius + 0.03)
+                room = np.hypot(*(spot - np.array(poses[2][:2]))) > a.radius + c.radius + 0.03
+                inside = -0.18 <= spot[0] <= 0.15 and -0.22 <= spot[1] <= 0.22
+                if room and inside:
+                    sides.append(side)
+            if sides:
+                side = str(rng.choice(sorted(sides)))
+                return Layout(objects, poses, {"obj": a.name, "target": b.name, "direction": side})
 
     def prompt(self):
         p = self.layout.params
