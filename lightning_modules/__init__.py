@@ -1,0 +1,1 @@
+"""LightningModules (diffusion policy, VLM) and the networks they use."""
