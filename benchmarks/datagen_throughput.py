@@ -11,8 +11,6 @@ import argparse
 import tempfile
 import time
 
-import numpy as np
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -48,7 +47,6 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     from envs.tabletop import observation_arrays
 
     env = _worker_env(task)
-    success_per_step: list[bool] = []
     ep = run_oracle(env, seed, record_obs=True)
     folder = Path(_WORKER_CFG["out"]) / task
     name = schema.episode_name(seed)
@@ -58,10 +56,9 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
         return task, seed, False, ep.failure, len(ep)
     frames = [observation_arrays(o) for o in ep.observations]
     stacked = {k: np.stack([f[k] for f in frames]) for k in frames[0]}
-    success_per_step = [False] * (len(ep) - 1) + [True]
     labels = step_labels([s.line for s in ep.steps], [s.key_step for s in ep.steps])
     schema.write_episode(folder / f"{name}.h5", ep, stacked, labels, [s.key_step for s in ep.steps],
-                         np.array(success_per_step), [env.specs[n] for n in ep.objects])
+                         np.array(ep.successes), [env.specs[n] for n in ep.objects])
     return task, seed, True, "", len(ep)
 
 

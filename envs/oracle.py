@@ -32,6 +32,7 @@ class Episode:
     steps: list[StepRecord] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
     observations: list[dict] = field(default_factory=list)  # obs *before* each action
+    successes: list[bool] = field(default_factory=list)  # task solved *after* each action
     failure: str = ""
 
     @property
@@ -80,7 +81,8 @@ def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int 
                 ep.actions.append(action)
                 if record_obs:
                     ep.observations.append(obs)
-                obs, _, _, _, _ = env.step(action)
+                obs, _, _, _, info = env.step(action)
+                ep.successes.append(bool(info["success"]))
                 first = False
             if ep.failure or skill.name == "done":
                 break

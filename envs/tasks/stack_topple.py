@@ -4,19 +4,15 @@ Success (stateful): the full stack stood at some step of the episode, and now th
 lies on the table (nothing stands on anything).
 """
 
-from ..objects import sample_objects
 from ..skills.code import actor, call
-from ..tabletop import Layout, TabletopEnv, place_apart
 from .common import bottom
 from .registry import register_task
-from .single_stack import stack_lines, stack_prompt, stacked
+from .single_stack import SingleStack, stack_lines, stack_prompt, stacked
 
 
 @register_task("StackTopple", level="L1", max_steps=450)
-class StackTopple(TabletopEnv):
-    def sample_layout(self, rng):
-        objects = sample_objects(rng, 3)
-        return Layout(objects, place_apart(rng, objects), {"order": [o.name for o in objects]})
+class StackTopple(SingleStack):
+    """Scene sampling as SingleStack; prompt, success and oracle extended."""
 
     def prompt(self):
         return stack_prompt(self.layout.params["order"])[:-1] + ", then topple the stack."
