@@ -74,11 +74,11 @@ data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (
 train-vlm: ## train the VLM (not yet available, issue 5)
 	@echo "$@: not yet available (see issue 5)" >&2; exit 2
 
-train-dp: ## train the diffusion policy (not yet available, issue 4)
-	@echo "$@: not yet available (see issue 4)" >&2; exit 2
+train-dp: install runtime-dir ## train the diffusion policy: scripts/train_dp.py (DATASET= DATA= CONDITIONING= PRESET=cpu|paper RESUME= OUT= key=value)
+	$(PY) scripts/train_dp.py $(ARGS)
 
-eval: ## evaluate a policy (not yet available, issue 6)
-	@echo "$@: not yet available (see issue 6)" >&2; exit 2
+eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= OUT= REGENERATE= N_ACTION_STEPS= key=value)
+	$(PY) scripts/evaluate.py $(ARGS)
 
 relabel-dp: ## relabel the diffusion-policy data (not yet available, issue 5)
 	@echo "$@: not yet available (see issue 5)" >&2; exit 2

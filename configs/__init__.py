@@ -6,6 +6,9 @@ Configs are in struct mode: a misspelt key is an error that lists the valid keys
 
 Overrides come as ``key=value`` dotlist items (``env.image_size=64``) or as the upper-case
 make variables an entry point declares (``TASKS=PlaceOnTop`` -> ``tasks``).
+
+Presets: a config with a top-level ``preset:`` key gets ``configs/<name>/<preset>.yaml``
+merged over it before the overrides (``PRESET=paper`` picks ``configs/dp/paper.yaml``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
     cfg = OmegaConf.load(path)
     if "env" in cfg:
         cfg = OmegaConf.merge({"env": OmegaConf.load(CONFIG_DIR / "env.yaml")}, cfg)
-    OmegaConf.set_struct(cfg, True)
     dotlist = []
     aliases = aliases or {}
     for item in overrides or []:
@@ -55,6 +57,17 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
             raise ConfigError(f"unknown variable {key}=; this command takes {sorted(aliases)} "
                               "or lower-case key=value overrides")
         dotlist.append(f"{key}={value}")
+    if "preset" in cfg:
+        for item in dotlist:
+            if item.split("=", 1)[0] == "preset":
+                cfg.preset = item.split("=", 1)[1]
+        preset = _preset(name, str(cfg.preset))
+        OmegaConf.set_struct(cfg, True)  # a preset may only set keys the base config has
+        try:
+            cfg = OmegaConf.merge(cfg, preset)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"preset {cfg.preset!r} of {name}: {str(e).splitlines()[0]}") from None
+    OmegaConf.set_struct(cfg, True)
     for item in dotlist:
         key = item.split("=", 1)[0]
         node = cfg
@@ -77,6 +90,14 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
     return cfg
+
+
+def _preset(name: str, preset: str) -> DictConfig:
+    path = CONFIG_DIR / name / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / name).glob("*.yaml"))
+        raise ConfigError(f"no preset {preset!r} for {name}; presets: {known}")
+    return OmegaConf.load(path)
 
 
 def _check_type(key: str, old, new) -> None:

@@ -46,3 +46,22 @@ def elbo_weights(scheduler: DDPMScheduler, normalize: bool = True) -> torch.Tens
     if normalize:
         w = w / w.mean()
     return w.float()
+
+
+def loss_weights(scheduler: DDPMScheduler, weighting: str) -> torch.Tensor:
+    """Per-timestep loss weights (T,), mean 1.
+
+    ``elbo``: :func:`elbo_weights` as written (paper 4.3). With ``squaredcos_cap_v2`` the last
+    beta is capped at 0.999, which makes the last timestep's weight ~500x the others: it then
+    carries most of the loss although predicting the noise from pure noise is trivial.
+    ``elbo_clipped``: the same weights with that capped last term clipped to the largest of the
+    others (our option, not in the paper). ``uniform``: Diffusion Policy's plain epsilon MSE.
+    """
+    if weighting == "uniform":
+        return torch.ones(len(scheduler.betas))
+    if weighting not in ("elbo", "elbo_clipped"):
+        raise ValueError(f"unknown loss_weighting {weighting!r}; use elbo, elbo_clipped or uniform")
+    w = elbo_weights(scheduler, normalize=False)
+    if weighting == "elbo_clipped":
+        w[-1] = min(w[-1], w[:-1].max())
+    return w / w.mean()

@@ -1,0 +1,1 @@
+"""Diffusion policy (paper 4.3): processor, network, LightningModule."""

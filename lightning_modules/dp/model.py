@@ -1,0 +1,137 @@
+"""The diffusion policy network (paper 4.3, Figure 3, Appendix E.2).
+
+Observation tokens, each of width ``d_model``:
+  one per camera (a GroupNorm ResNet-18 per camera, trained from scratch), one for
+  proprioception (qpos, qvel, tcp pose: 21), one for the suction state (2), and the frozen text
+  encoder's token states of the instruction and of the cache info (encoded separately, each with
+  its own learned type embedding).
+Attention pooling: ``n_queries`` learned query tokens go through ``pool_blocks`` transformer
+decoder blocks (self-attention among queries, cross-attention to the observation tokens with a
+padding mask), giving the conditioning vector (B, n_queries * d_model).
+A ConditionalUnet1D predicts the noise of the action chunk (B, horizon, 7) with FiLM from that
+vector and the diffusion timestep. One observation step, no history (paper E.2).
+
+Batch keys: ``base_rgb``, ``wrist_rgb`` (B, 3, H, W) uint8; ``proprio`` (B, 21); ``suction``
+(B, 2); for training ``actions`` (B, horizon, 7); and the strings the conditioning mode reads
+(``instruction``, ``cache_info`` or ``prompt``; see ``processor.conditioning_texts``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import build_schedulers, loss_weights
+from ..networks import ConditionalUnet1D, ResNet18GN
+from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
+from .text import FrozenTextEncoder
+
+CAMERAS = ("base_rgb", "wrist_rgb")
+PROPRIO_DIM, SUCTION_DIM, ACTION_DIM = 21, 2, 7
+
+
+class AttentionPooling(nn.Module):
+    """Learned queries cross-attending over tokens (B, N, D) with ``pad`` (B, N) True = padding."""
+
+    def __init__(self, d_model: int, n_heads: int, n_blocks: int, n_queries: int = 1):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_queries, d_model) * 0.02)
+        block = nn.TransformerDecoderLayer(d_model, n_heads, dim_feedforward=4 * d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerDecoder(block, n_blocks, norm=nn.LayerNorm(d_model))
+
+    def forward(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(tokens.shape[0], -1, -1)
+        return self.blocks(q, tokens, memory_key_padding_mask=pad).flatten(1)  # (B, n_queries * D)
+
+
+class DiffusionPolicyModel(nn.Module):
+    """Noise-prediction network + normaliser + schedules; ``loss`` for training, ``sample`` to act."""
+
+    def __init__(self, *, conditioning: str = "code", horizon: int = 16, image_size: int = 64,
+                 crop_ratio: float = 0.875, resnet_width: int = 16, d_model: int = 128, n_heads: int = 4,
+                 pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
+                 step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
+                 text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10):
+        super().__init__()
+        self.conditioning = check_conditioning(conditioning)
+        self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
+        self.crop = max(8, round(image_size * crop_ratio))
+        self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
+        self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width) for c in CAMERAS})
+        self.proprio = nn.Linear(PROPRIO_DIM, d_model)
+        self.suction = nn.Linear(SUCTION_DIM, d_model)
+        n_obs = len(CAMERAS) + 2
+        self.obs_type = nn.Parameter(torch.randn(n_obs, d_model) * 0.02)
+        self.text = None
+        if conditioning != "none":
+            self.text = FrozenTextEncoder(text_encoder, text_encoder_name, text_max_length)
+            self.lang_proj = nn.Linear(self.text.dim, d_model)
+            self.lang_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # instruction, cache info
+        self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
+        self.unet = ConditionalUnet1D(ACTION_DIM, n_queries * d_model, channels=tuple(unet_channels),
+                                      step_embed_dim=step_embed_dim)
+        self.ddpm, self.ddim = build_schedulers()
+        self.register_buffer("loss_weights", loss_weights(self.ddpm, loss_weighting), persistent=False)
+
+    # ---------------------------------------------------------------- conditioning
+    def _images(self, rgb: torch.Tensor) -> torch.Tensor:
+        x = preprocess_images(rgb, self.image_size)
+        c, s = self.crop, self.image_size
+        if c == s:
+            return x
+        if self.training:  # random crop (Diffusion Policy), a fixed centre crop at test time
+            i, j = torch.randint(0, s - c + 1, (2,)).tolist()
+        else:
+            i = j = (s - c) // 2
+        return x[..., i:i + c, j:j + c]
+
+    def condition(self, batch: dict) -> torch.Tensor:
+        """Observation + language tokens -> conditioning vector (B, n_queries * d_model)."""
+        obs = [self.cameras[c](self._images(batch[c])) for c in CAMERAS]
+        obs += [self.proprio(self.normalizer.normalize_proprio(batch["proprio"].float())),
+                self.suction(batch["suction"].float())]
+        tokens = torch.stack(obs, 1) + self.obs_type
+        pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        texts = conditioning_texts(self.conditioning, batch)
+        if texts is not None:
+            self.text.to(tokens.device)
+            for kind, strings in enumerate(texts):
+                lang, mask = self.text.encode(strings)
+                tokens = torch.cat([tokens, self.lang_proj(lang) + self.lang_type[kind]], 1)
+                pad = torch.cat([pad, ~mask], 1)
+        return self.pool(tokens, pad)
+
+    # ---------------------------------------------------------------- diffusion
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Timestep-weighted epsilon MSE of one noisy sample per chunk (scalar).
+
+        ``generator`` (CPU) fixes the noise and timesteps, e.g. for a comparable validation loss.
+        """
+        x0 = self.normalizer.normalize_actions(batch["actions"].float())
+        cond = self.condition(batch)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = torch.randint(0, self.ddpm.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        noisy = self.ddpm.add_noise(x0, noise, t)
+        per_sample = F.mse_loss(self.unet(noisy, t, cond), noise, reduction="none").mean((1, 2))
+        return (self.loss_weights[t] * per_sample).mean()
+
+    @torch.no_grad()
+    def sample(self, batch: dict, num_inference_steps: int | None = None, sampler: str = "ddim",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise an action chunk: (B, horizon, 7) in the environment's action units.
+
+        ``sampler``: ``ddim`` (default, ``num_inference_steps``, paper: 10) or ``ddpm`` (all 100).
+        """
+        cond = self.condition(batch)
+        scheduler = self.ddim if sampler == "ddim" else self.ddpm
+        steps = scheduler.config.num_train_timesteps if sampler == "ddpm" else \
+            (num_inference_steps or self.num_inference_steps)
+        scheduler.set_timesteps(steps)
+        x = torch.randn((cond.shape[0], self.horizon, ACTION_DIM), generator=generator,
+                        device="cpu").to(cond.device)
+        for t in scheduler.timesteps:
+            eps = self.unet(x, t.expand(x.shape[0]).to(cond.device), cond)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        return self.normalizer.unnormalize_actions(x)

@@ -1,0 +1,55 @@
+"""Shared training plumbing of the entry points (``make train-dp``, ``make train-vlm``).
+
+A config with sections ``trainer`` (keyword arguments of ``lightning.Trainer``), ``out`` (the run
+folder) and ``resume`` (null, ``auto`` or a checkpoint path) becomes a Trainer with TensorBoard
+logging under ``<out>/``, ``last.ckpt`` and best checkpoints under ``<out>/checkpoints/``, a
+learning-rate monitor, and the resolved config saved as ``<out>/config.yaml``.
+
+A run folder that already holds checkpoints is never overwritten: without ``resume`` it is an
+error that says how to continue it or where to start afresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+class RunError(ValueError):
+    """A run folder or resume request that cannot be honoured; the message says why."""
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run (checks the run folder)."""
+    out = Path(cfg.out)
+    last = out / "checkpoints" / "last.ckpt"
+    resume = cfg.get("resume")
+    if resume in (None, "", "none", "null"):
+        if any((out / "checkpoints").glob("*.ckpt")):
+            raise RunError(f"{out} already holds checkpoints; resume it with RESUME=auto, or pick a new "
+                           f"folder with OUT=...")
+        return None
+    if resume == "auto":
+        return str(last) if last.exists() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise RunError(f"RESUME={resume}: no such checkpoint file")
+    return str(path)
+
+
+def make_trainer(cfg: DictConfig, *, monitor: str = "val/loss", callbacks=()) -> L.Trainer:
+    """A Trainer for ``cfg`` (see the module docstring); ``callbacks`` are added to the defaults."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger = TensorBoardLogger(save_dir=str(out), name="", version="tb", default_hp_metric=False)
+    ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best-{step}", monitor=monitor,
+                           mode="min", save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return L.Trainer(default_root_dir=str(out), logger=logger,
+                     callbacks=[ckpt, LearningRateMonitor(logging_interval="step"), *callbacks],
+                     **trainer_kwargs)

@@ -1,0 +1,77 @@
+"""Inference-time diffusion policy: one observation + instruction -> an action chunk.
+
+Loads from a Lightning checkpoint of ``make train-dp`` or from a file written by
+``DiffusionPolicyModule.export_policy``; either holds the model config, the normalisation
+statistics and the EMA weights, so no training config is needed. Sampling is DDIM with the
+model's ``num_inference_steps`` (paper: 10).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_modules.dp.model import DiffusionPolicyModel
+from lightning_modules.dp.module import POLICY_FORMAT
+
+
+class DiffusionPolicy:
+    def __init__(self, model: DiffusionPolicyModel, n_action_steps: int = 8, device: str = "cpu", seed: int = 0):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.n_action_steps = int(n_action_steps)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def horizon(self) -> int:
+        return self.model.horizon
+
+    @property
+    def conditioning(self) -> str:
+        return self.model.conditioning
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", **overrides) -> "DiffusionPolicy":
+        """From a ``.ckpt`` (EMA weights) or an exported policy file; ``overrides``: constructor args."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no diffusion-policy checkpoint at {path}")
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob.get("format") == POLICY_FORMAT:
+            config, n_steps, state = blob["model"], blob["n_action_steps"], blob["state_dict"]
+        elif "hyper_parameters" in blob and "ema" in blob:
+            hp = blob["hyper_parameters"]
+            config, n_steps = dict(hp["model"]), hp.get("n_action_steps", 8)
+            state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
+            names = [n for n, _ in DiffusionPolicyModel(**config).named_parameters()]
+            state.update(zip(names, blob["ema"]["shadow_params"]))
+        else:
+            raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
+        model = DiffusionPolicyModel(**config)
+        model.load_state_dict(state)
+        return cls(model, **{"n_action_steps": n_steps, "device": device, **overrides})
+
+    def reset(self) -> None:
+        """New episode: restart the sampling noise stream (rollouts are reproducible per seed)."""
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def batch(self, observation: dict, instruction: str, cache_info: str) -> dict:
+        """One observation (``envs.tabletop.observation_arrays``) as a batch of one."""
+        def rgb(x):
+            return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].to(self.device)
+
+        proprio = np.concatenate([observation["qpos"], observation["qvel"], observation["tcp_pose"]])
+        return {"base_rgb": rgb(observation["base_rgb"]), "wrist_rgb": rgb(observation["wrist_rgb"]),
+                "proprio": torch.as_tensor(proprio, dtype=torch.float32)[None].to(self.device),
+                "suction": torch.as_tensor(observation["suction"], dtype=torch.float32)[None].to(self.device),
+                # ``task`` conditioning reads the prompt; the code modes read instruction + cache.
+                "instruction": [instruction], "cache_info": [cache_info], "prompt": [instruction]}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation: dict, instruction: str = "", cache_info: str = "") -> np.ndarray:
+        """(horizon, 7) float32 actions; for ``task`` conditioning pass the prompt as instruction."""
+        chunk = self.model.sample(self.batch(observation, instruction, cache_info), generator=self.generator)
+        return chunk[0].cpu().numpy().astype(np.float32)

@@ -1,0 +1,66 @@
+"""`make train-dp`: train the diffusion policy.  Config: configs/dp.yaml (+ configs/dp/<PRESET>.yaml).
+
+Usage: train_dp.py [DATASET=L0+L1] [CONDITIONING=code] [PRESET=cpu|paper] [RESUME=auto|path] [key=value ..]
+Writes <out>/config.yaml, <out>/tb/ (TensorBoard), <out>/checkpoints/{last,best-*}.ckpt and
+<out>/policy.pt (EMA weights, loadable by policies.diffusion_policy.DiffusionPolicy).
+"""
+
+import sys
+
+from configs import cli_config, to_yaml
+
+ALIASES = {"DATASET": "tasks", "TASKS": "tasks", "DATA": "data_dir", "CONDITIONING": "conditioning",
+           "PRESET": "preset", "RESUME": "resume", "OUT": "out", "SEED": "seed"}
+
+
+def build(cfg):
+    """(module, datamodule) for a resolved config."""
+    from omegaconf import OmegaConf
+
+    import envs
+    from datamodules.dp_datamodule import DiffusionPolicyDataModule
+    from lightning_modules.dp.module import DiffusionPolicyModule
+    from lightning_modules.dp.processor import CONDITIONING, check_conditioning
+
+    check_conditioning(cfg.conditioning)
+    label_set = cfg.vlm_label_set if cfg.conditioning == "vlm" else CONDITIONING[cfg.conditioning]
+    datamodule = DiffusionPolicyDataModule(
+        cfg.data_dir, envs.resolve_tasks(cfg.tasks), label_set=label_set,
+        shift_k=cfg.shift_k if cfg.conditioning == "code_shifted" else 0, horizon=cfg.model.horizon,
+        seed=cfg.seed, **OmegaConf.to_container(cfg.data))
+    module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning},
+                                   optim=OmegaConf.to_container(cfg.optim), ema=OmegaConf.to_container(cfg.ema),
+                                   n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches)
+    module.set_stats(datamodule.stats())
+    return module, datamodule
+
+
+def main(argv: list[str]) -> int:
+    cfg = cli_config("dp", argv, ALIASES)
+    from pathlib import Path
+
+    import lightning as L
+
+    from datamodules.dataset import schema
+    from envs import UnknownTaskError
+    from lightning_modules.training import RunError, make_trainer, resolve_resume
+
+    try:
+        resume = resolve_resume(cfg)
+        module, datamodule = build(cfg)
+    except (RunError, UnknownTaskError, FileNotFoundError, ValueError, schema.SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True)
+    trainer = make_trainer(cfg, monitor="val/loss")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if trainer.is_global_zero:
+        path = module.export_policy(Path(cfg.out) / "policy.pt")
+        print(f"\nwrote {path} (EMA weights), checkpoints in {cfg.out}/checkpoints, "
+              f"TensorBoard: make tensorboard  (logdir {cfg.out}/tb)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
