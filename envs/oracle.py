@@ -44,6 +44,48 @@ class Episode:
         return len(self.steps)
 
 
+class SkillExecutor:
+    """Runs skill-API code one control step at a time (the step-wise core of :func:`run_code`).
+
+    ``start(line)`` parses and evaluates a line with the safe interpreter (``CodeError`` or
+    ``UnknownObjectError`` on bad code) and makes its skill the running call; ``next_action()``
+    returns the call's next (7,) action, or ``None`` once the call has terminated. A call with
+    nothing to do still yields one still action, so that every key-step has a frame.
+    Policies that execute oracle skills (oracle, VLM+Oracle, DP+Oracle) use this directly.
+    """
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+        self.api = SkillAPI(self.env)
+        self.interpreter = Interpreter(self.api)
+        self.line: str | None = None  # the line of the running (or last) call
+        self.skill_name: str | None = None
+        self.key_step = False  # the last returned action is the first of its call
+        self._skill = None
+        self._fresh = False
+
+    def start(self, line: str) -> None:
+        """Begin the call of ``line`` (an assignment stores its pose now and holds one step)."""
+        skill = self.interpreter.execute(line)
+        self.line, self.skill_name, self._skill, self._fresh = line, skill.name, skill, True
+
+    def next_action(self) -> np.ndarray | None:
+        """The next (7,) action of the running call, or ``None`` when it has terminated."""
+        if self._skill is None:
+            return None
+        try:
+            action = next(self._skill.gen)
+        except StopIteration as stop:
+            self.api.last_ok = bool(stop.value)
+            if not self._fresh:
+                self._skill = None
+                return None
+            action = self.api.motion.action(np.zeros(3), self.env.suction.on)
+            self._skill.gen = iter(())
+        self.key_step, self._fresh = self._fresh, False
+        return action
+
+
 def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int | None = None,
              reset: bool = True, obs=None) -> Episode:
     """Execute code lines (an iterable, possibly a generator reading the scene) in ``env``.
@@ -54,37 +96,24 @@ def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int 
     if reset:
         obs, _ = env.reset(seed=seed)
     base = env.unwrapped
-    api = SkillAPI(base)
-    interp = Interpreter(api)
-    program = lines(api) if callable(lines) else iter(lines)
+    executor = SkillExecutor(base)
+    program = lines(executor.api) if callable(lines) else iter(lines)
     cap = max_steps or base.max_steps
     ep = Episode(task=base.task_name, seed=seed, prompt=base.prompt(), objects=list(base.specs), success=False)
     try:
         for line in program:
-            skill = interp.execute(line)
-            first = True
-            while True:
-                try:
-                    action = next(skill.gen)
-                except StopIteration as stop:
-                    api.last_ok = bool(stop.value)
-                    if not first:
-                        break
-                    # a call that had nothing to do still takes one (still) step, so that
-                    # every key-step has a frame
-                    action = api.motion.action(np.zeros(3), base.suction.on)
-                    skill.gen = iter(())
+            executor.start(line)
+            while (action := executor.next_action()) is not None:
                 if len(ep.steps) >= cap:
                     ep.failure = f"step cap {cap} reached"
                     break
-                ep.steps.append(StepRecord(line, first))
+                ep.steps.append(StepRecord(line, executor.key_step))
                 ep.actions.append(action)
                 if record_obs:
                     ep.observations.append(obs)
                 obs, _, _, _, info = env.step(action)
                 ep.successes.append(bool(info["success"]))
-                first = False
-            if ep.failure or skill.name == "done":
+            if ep.failure or executor.skill_name == "done":
                 break
     except CodeError as e:
         ep.failure = f"code error: {e}"

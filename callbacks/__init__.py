@@ -1,0 +1,2 @@
+"""Lightning callbacks: ``rollout.RolloutEvaluation`` (simulated rollouts during training) and
+``media`` (TensorBoard videos without moviepy, MP4 files)."""

@@ -1,0 +1,13 @@
+"""Inference-time policies (paper section 5) and their evaluation.
+
+Import the submodules directly (``policies.spec``, ``policies.evaluator``, ...); this package
+file stays empty so that importing e.g. ``policies.diffusion_policy`` does not pull in the
+simulator.
+
+* ``base``: the shared interface (``Policy``: ``attach(env)``, ``reset(task, prompt)``,
+  ``act(observation) -> (7,)``), ``PolicyFailure``
+* ``oracle_only``, ``flat_dp``, ``vlm_dp``, ``vlm_oracle``, ``dp_oracle``: the compositions
+* ``spec``: ``PolicySpec`` + ``build_policy`` (picklable, for worker processes)
+* ``evaluator``: ``evaluate(spec, tasks, episodes, ...) -> EvalResult``
+* ``diffusion_policy``, ``vlm_planner``: the learned models behind them
+"""

@@ -1,0 +1,119 @@
+"""The interface every inference-time policy shares, so the evaluator does not care which runs.
+
+An episode, as the evaluator runs it::
+
+    policy.attach(env)                  # once per env; policies that run oracle skills keep it
+    policy.reset(task, prompt)          # task name, natural-language task prompt
+    while not policy.finished and t < cap:
+        action = policy.act(observation)    # observation: envs.tabletop.observation_arrays(obs)
+        obs, ... = env.step(action)         # action: (7,) float32 in [-1, 1]
+
+``observation`` is the dict of numpy arrays of :func:`envs.tabletop.observation_arrays`
+(``base_rgb (H,W,3) uint8``, ``wrist_rgb``, ``qpos (7,)``, ``qvel (7,)``, ``tcp_pose (7,)``,
+``suction (2,)``, ``bboxes (N,4)``). A policy that cannot go on (bad VLM code, an unknown
+object, ...) raises :class:`PolicyFailure`; the evaluator records the episode as a failure with
+that reason instead of crashing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.oracle import SkillExecutor
+from envs.skills import CodeError, UnknownObjectError
+
+
+class PolicyFailure(Exception):
+    """Ends an episode as a recorded failure.
+
+    ``reason`` is a short category that is counted over episodes ("code error",
+    "unknown object", "vlm error", "oracle error", "invalid action"); ``detail`` says exactly
+    what happened (the offending code line, the error message).
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Policy:
+    """Base class: see the module docstring for the episode protocol."""
+
+    kind = "policy"
+
+    def __init__(self):
+        self.env = None
+        self.instruction = ""  # what the policy is doing now (video captions)
+        self.finished = False  # True once the policy has nothing more to do (``done()`` ran)
+
+    def attach(self, env) -> None:
+        """Give the policy the environment it acts in (used by policies that run oracle skills)."""
+        self.env = env.unwrapped
+
+    def reset(self, task: str, prompt: str) -> None:
+        """Start an episode of ``task`` described by ``prompt``; clears all per-episode state."""
+        self.instruction = ""
+        self.finished = False
+
+    def act(self, observation: dict) -> np.ndarray:
+        """One (7,) float32 action for the current observation."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        """Per-episode counters (chunks generated, chunks dropped, VLM queries, ...)."""
+        return {}
+
+
+def code_failure(error: CodeError, line: str) -> PolicyFailure:
+    """A CodeError of the interpreter as a PolicyFailure: "unknown object" or "code error"."""
+    reason = "unknown object" if isinstance(error, UnknownObjectError) else "code error"
+    return PolicyFailure(reason, f"{line!r}: {error}")
+
+
+class CodePolicy(Policy):
+    """A policy that executes skill-API code lines with the oracle skills (closed loop).
+
+    Subclasses say where the next line comes from (``next_line``); this class runs each line
+    through the safe interpreter (:class:`envs.oracle.SkillExecutor`, never ``exec``) until the
+    skill terminates, then asks for the next line. ``done()`` ends the policy after its one
+    still step; a program that ends without ``done()`` ends the policy too.
+    """
+
+    def reset(self, task: str, prompt: str) -> None:
+        super().reset(task, prompt)
+        if self.env is None:
+            raise RuntimeError(f"{type(self).__name__} runs oracle skills: call attach(env) before reset")
+        self.executor = SkillExecutor(self.env)
+        self.lines_started = 0
+
+    def next_line(self, observation: dict) -> str | None:
+        """The next code line to execute, or None when the program is over."""
+        raise NotImplementedError
+
+    def act(self, observation: dict) -> np.ndarray:
+        action = self._next_action()
+        while action is None:
+            line = self.next_line(observation)
+            if line is None:  # the program ended without done(): hold still, and stop
+                self.finished = True
+                return self.executor.api.motion.action(np.zeros(3), self.env.suction.on)
+            try:
+                self.executor.start(line)
+            except CodeError as e:
+                raise code_failure(e, line) from None
+            self.lines_started += 1
+            self.instruction = line
+            action = self._next_action()
+        if self.executor.skill_name == "done":
+            self.finished = True
+        return action
+
+    def _next_action(self):
+        try:
+            return self.executor.next_action()
+        except CodeError as e:  # a skill that finds the scene unusable while running
+            raise code_failure(e, self.executor.line or "") from None
+
+    def stats(self) -> dict[str, float]:
+        return {"code_lines": float(self.lines_started)}

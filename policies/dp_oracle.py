@@ -1,0 +1,107 @@
+"""DPOracle (paper 5.1, non-Markovian Swap, Figure 4): the DP told the oracle's computed positions.
+
+The task's oracle runs in lockstep with the episode, but its actions are *not* executed: each
+step its closed-loop skill generator is advanced on the current scene only to track which code
+line is current (a skill ends by its own termination test, exactly as when it acts, so the line
+changes when the DP's actions have done what the line asks, or when the skill gives up). The
+diffusion policy is conditioned on that line with every ``pose_dict['key']`` read replaced by the
+position the oracle computed, e.g.::
+
+    pose_dict['red cube'] = get_pose(get_actor('red cube'))  ->  pose_dict['red cube'] = (0.052, -0.118, 0.025)
+    move3d(pose_dict['red cube'])                            ->  move3d((0.052, -0.118, 0.025))
+
+so it needs no memory: this is the Markovian version of the task that the paper calls
+DP+Oracle. As in the labels, the line is plain at its key-step and commented (``# ``) on later
+steps; the cache info is ExtractMemoryInfo of the numeric key-step lines before t. Action
+chunks are regenerated when the oracle's line changes (``regenerate_on_keystep``), as in VLMDP.
+A DP for this policy must be trained on labels in the same form: :func:`numeric_line`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from datamodules.labels import commented, extract_memory_info
+from envs.oracle import SkillExecutor
+from envs.skills import CodeError
+
+from .base import PolicyFailure
+from .vlm_dp import ChunkedDP
+
+_POSE_READ = re.compile(r"pose_dict\[(['\"])(.*?)\1\]")
+_POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"])(.*?)\1\]\s*=(?!=)")
+
+
+def format_position(pose) -> str:
+    """A stored Pose as ``(x, y, z)`` in metres, millimetre precision."""
+    return "(" + ", ".join(f"{v:.3f}" for v in pose.p) + ")"
+
+
+def numeric_line(line: str, pose_dict: dict) -> str:
+    """``line`` with its ``pose_dict`` reads (and an assignment's value) replaced by positions.
+
+    ``pose_dict``: key -> :class:`envs.skills.Pose` (``SkillAPI.pose_dict``); unknown keys are
+    left as they are.
+    """
+    def value(match) -> str:
+        key = match.group(2)
+        return format_position(pose_dict[key]) if key in pose_dict else match.group(0)
+
+    m = _POSE_ASSIGN.match(line)
+    if m and m.group(2) in pose_dict:
+        return f"pose_dict[{m.group(2)!r}] = {format_position(pose_dict[m.group(2)])}"
+    return _POSE_READ.sub(value, line)
+
+
+class OracleTracker:
+    """Advances the task's oracle program one step per call without executing its actions."""
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+
+    def reset(self) -> None:
+        self.executor = SkillExecutor(self.env)
+        self.program = iter(self.env.oracle(self.executor.api))
+        self.ended = False
+
+    def step(self) -> tuple[str, bool]:
+        """(current code line, whether this step is its key-step); after the program has ended,
+        the last line stays current. An oracle query that fails on the scene the DP left
+        (e.g. no free space) raises PolicyFailure("oracle error")."""
+        if self.ended:
+            return self.executor.line or "", False
+        try:
+            action = self.executor.next_action()
+            while action is None:
+                line = next(self.program, None)
+                if line is None:
+                    self.ended = True
+                    return self.executor.line or "", False
+                self.executor.start(line)
+                action = self.executor.next_action()
+        except CodeError as e:
+            raise PolicyFailure("oracle error", f"{self.executor.line!r}: {e}") from None
+        return self.executor.line, self.executor.key_step
+
+
+class DPOracle(ChunkedDP):
+    """``dp``: see :class:`~policies.vlm_dp.ChunkedDP`; needs ``attach(env)`` (the oracle reads the scene)."""
+
+    kind = "dp_oracle"
+
+    def reset_instructions(self, prompt: str) -> None:
+        if self.env is None:
+            raise RuntimeError("DPOracle follows the oracle: call attach(env) before reset")
+        self.tracker = OracleTracker(self.env)
+        self.tracker.reset()
+        self.memory: list[str] = []
+        self.current = ""
+
+    def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
+        cache_info = extract_memory_info(self.memory)  # M_t: key-step lines before t
+        line, key_step = self.tracker.step()
+        if key_step:
+            self.current = numeric_line(line, self.tracker.executor.api.pose_dict)
+            self.memory.append(self.current)
+            return self.current, True, cache_info
+        return commented(self.current), False, cache_info

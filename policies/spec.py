@@ -1,0 +1,127 @@
+"""Picklable policy descriptions, built into live policies inside (worker) processes.
+
+    spec = PolicySpec("vlm_dp", dp="runs/dp/policy.pt", vlm="runs/vlm/final",
+                      options={"regenerate_on_keystep": False, "n_action_steps": 8})
+    spec.validate()              # PolicySpecError with one clear message on bad input
+    policy = build_policy(spec)  # loads the checkpoints (in the calling process)
+
+Kinds (paper section 5):
+
+==========  ===========================================  ============  =====================
+kind        policy                                       needs         options
+==========  ===========================================  ============  =====================
+oracle      OracleOnly: the scripted oracle              -             -
+flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
+vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, device
+vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           device
+dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, device
+==========  ===========================================  ============  =====================
+
+Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
+``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = {
+    "oracle": (False, False),  # (needs dp, needs vlm)
+    "flat_dp": (True, False),
+    "vlm_dp": (True, True),
+    "vlm_oracle": (False, True),
+    "dp_oracle": (True, False),
+}
+_CHUNKING = {"n_action_steps", "horizon"}
+OPTIONS = {
+    "oracle": set(),
+    "flat_dp": _CHUNKING | {"device"},
+    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "device"},
+    "vlm_oracle": {"device"},
+    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "device"},
+}
+
+
+class PolicySpecError(ValueError):
+    """An unknown policy kind, a missing or absent checkpoint, or an unknown option."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What to build: ``kind`` (see the module table), checkpoint paths and options."""
+
+    kind: str
+    dp: str | None = None  # diffusion-policy checkpoint: Lightning .ckpt or exported policy .pt
+    vlm: str | None = None  # VLM folder / checkpoint for VLMPlanner.from_pretrained
+    options: dict = field(default_factory=dict)
+
+    def validate(self, *, dp_later: bool = False) -> "PolicySpec":
+        """Check the kind, the checkpoints (they must exist) and the options; ``dp_later``:
+        the DP checkpoint is not known yet (the rollout callback exports it each round)."""
+        if self.kind not in KINDS:
+            raise PolicySpecError(f"unknown policy {self.kind!r}; policies: {sorted(KINDS)}")
+        needs_dp, needs_vlm = KINDS[self.kind]
+        for name, needed, path in (("DP", needs_dp and not dp_later, self.dp), ("VLM", needs_vlm, self.vlm)):
+            if needed and not path:
+                raise PolicySpecError(f"policy {self.kind} needs a {name} checkpoint ({name}=...)")
+            if needed and not Path(path).exists():
+                raise PolicySpecError(f"{name} checkpoint {path} does not exist")
+        unknown = set(self.options) - OPTIONS[self.kind]
+        if unknown:
+            raise PolicySpecError(f"policy {self.kind} has no option(s) {sorted(unknown)}; "
+                                  f"options: {sorted(OPTIONS[self.kind])}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: kind plus non-default options."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()) if k != "device")
+        return f"{self.kind}({opts})" if opts else self.kind
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def build_policy(spec: PolicySpec):
+    """A fresh :class:`~policies.base.Policy` for ``spec`` (loads its checkpoints)."""
+    spec.validate()
+    opts = dict(spec.options)
+    device = resolve_device(opts.pop("device", None))
+    chunking = {k: int(opts.pop(k)) or None for k in list(opts) if k in _CHUNKING}
+    if "regenerate_on_keystep" in opts:
+        chunking["regenerate_on_keystep"] = bool(opts.pop("regenerate_on_keystep"))
+    needs_dp, needs_vlm = KINDS[spec.kind]
+    dp = vlm = None
+    if needs_dp:
+        from .diffusion_policy import DiffusionPolicy
+
+        dp = DiffusionPolicy.from_checkpoint(spec.dp, device=device)
+    if needs_vlm:
+        from .vlm_planner import VLMPlanner
+
+        vlm = VLMPlanner.from_pretrained(spec.vlm, device=device)
+    if spec.kind == "oracle":
+        from .oracle_only import OracleOnly
+
+        return OracleOnly()
+    if spec.kind == "flat_dp":
+        from .flat_dp import FlatDP
+
+        return FlatDP(dp, **chunking)
+    if spec.kind == "vlm_dp":
+        from .vlm_dp import VLMDP
+
+        return VLMDP(vlm, dp, **chunking)
+    if spec.kind == "vlm_oracle":
+        from .vlm_oracle import VLMOracle
+
+        return VLMOracle(vlm)
+    from .dp_oracle import DPOracle
+
+    return DPOracle(dp, **chunking)

@@ -1,0 +1,132 @@
+"""VLMDP: the paper's hierarchical policy (section 4.3), VLM instructions + diffusion-policy actions.
+
+At every control step the VLM is queried with the base image (it keeps its memory of key-steps).
+Its output c_t (a key-step line, or the running line commented out with ``# ``) and the cache
+info of the memory *before* t (ExtractMemoryInfo of M_t, as in training) condition the diffusion
+policy, which predicts an action chunk ``(horizon, 7)``; the first ``n_action_steps`` actions
+are executed from a queue, and a new chunk is predicted when the queue is empty.
+
+``regenerate_on_keystep=True`` (paper default): when the VLM output is a *new key-step*
+(``PlanStep.new_key_step``: a new subtask begins, the memory grew), the rest of the queued chunk
+is dropped and a new chunk is predicted at once from the new instruction. With ``False`` every
+chunk's ``n_action_steps`` actions are executed blindly (the chunking ablation, paper 5.2).
+
+:class:`ChunkedDP` holds the action queue shared by VLMDP, FlatDP and DPOracle; they differ only
+in where the instruction comes from (``next_instruction``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from .base import Policy, PolicyFailure
+
+
+def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
+    """Apply optional ``horizon`` / ``n_action_steps`` overrides to ``dp``; returns the number
+    of actions to execute per chunk (checked: 1 <= n_action_steps <= horizon)."""
+    if horizon and int(horizon) != int(dp.horizon):
+        try:
+            dp.horizon = int(horizon)
+        except AttributeError:
+            raise ValueError(f"this diffusion policy cannot change its horizon ({dp.horizon})") from None
+    if n_action_steps:
+        dp.n_action_steps = int(n_action_steps)
+    n = int(dp.n_action_steps)
+    if not 1 <= n <= int(dp.horizon):
+        raise ValueError(f"n_action_steps={n} must be in [1, horizon={dp.horizon}]")
+    return n
+
+
+class ChunkedDP(Policy):
+    """A diffusion policy executed from an action queue, conditioned on an instruction source.
+
+    ``dp``: :class:`policies.diffusion_policy.DiffusionPolicy`-like: ``reset()``,
+    ``predict_action_chunk(observation, instruction, cache_info) -> (horizon, 7)``, settable
+    ``horizon`` and ``n_action_steps``. Subclasses implement ``reset_instructions(prompt)`` and
+    ``next_instruction(observation) -> (instruction, new_key_step, cache_info)``.
+    """
+
+    def __init__(self, dp, *, regenerate_on_keystep: bool = True, n_action_steps: int | None = None,
+                 horizon: int | None = None):
+        super().__init__()
+        self.dp = dp
+        self.regenerate_on_keystep = bool(regenerate_on_keystep)
+        self.n_action_steps = configure_chunking(dp, horizon, n_action_steps)
+        self.queue: deque[np.ndarray] = deque()
+
+    def reset_instructions(self, prompt: str) -> None:
+        raise NotImplementedError
+
+    def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
+        """(instruction c_t, whether it starts a new subtask, cache info of M_t) for this step."""
+        raise NotImplementedError
+
+    def reset(self, task: str, prompt: str) -> None:
+        super().reset(task, prompt)
+        self.reset_instructions(prompt)
+        self.dp.reset()
+        self.queue.clear()
+        self.chunks = 0  # chunks predicted
+        self.dropped_chunks = 0  # chunks cut short by a new key-step
+        self.dropped_actions = 0
+        self.key_steps = 0
+
+    def act(self, observation: dict) -> np.ndarray:
+        instruction, new_key_step, cache_info = self.next_instruction(observation)
+        self.instruction = instruction
+        if new_key_step:
+            self.key_steps += 1
+            if self.regenerate_on_keystep and self.queue:
+                self.dropped_chunks += 1
+                self.dropped_actions += len(self.queue)
+                self.queue.clear()
+        if not self.queue:
+            chunk = self.dp.predict_action_chunk(observation, instruction, cache_info)
+            self.queue.extend(self._checked(chunk)[: self.n_action_steps])
+            self.chunks += 1
+        return self.queue.popleft()
+
+    def _checked(self, chunk) -> np.ndarray:
+        chunk = np.asarray(chunk, dtype=np.float32)
+        if chunk.ndim != 2 or chunk.shape[1] != 7 or chunk.shape[0] < self.n_action_steps:
+            raise ValueError(f"the diffusion policy returned a chunk of shape {chunk.shape}, "
+                             f"expected ({self.dp.horizon}, 7)")
+        if not np.all(np.isfinite(chunk)):
+            raise PolicyFailure("invalid action", "the diffusion policy predicted non-finite actions")
+        return chunk
+
+    def stats(self) -> dict[str, float]:
+        return {"chunks": float(self.chunks), "dropped_chunks": float(self.dropped_chunks),
+                "dropped_actions": float(self.dropped_actions), "key_steps": float(self.key_steps)}
+
+
+class VLMDP(ChunkedDP):
+    """``planner``: :class:`policies.vlm_planner.VLMPlanner`-like (``reset(prompt)``,
+    ``step(image) -> PlanStep``, ``cache_info``); ``dp``: see :class:`ChunkedDP`."""
+
+    kind = "vlm_dp"
+
+    def __init__(self, planner, dp, **chunking):
+        super().__init__(dp, **chunking)
+        self.planner = planner
+
+    def reset_instructions(self, prompt: str) -> None:
+        self.planner.reset(prompt)
+        self.vlm_errors = 0
+        self.vlm_tokens = 0
+        self.vlm_early_stops = 0
+
+    def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
+        cache_info = self.planner.cache_info  # read before the query: ExtractMemoryInfo(M_t)
+        step = self.planner.step(observation["base_rgb"])
+        self.vlm_tokens += int(step.tokens or 0)
+        self.vlm_errors += bool(step.error)
+        self.vlm_early_stops += bool(step.early_stopped)
+        return step.line, bool(step.new_key_step), cache_info
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
+                "vlm_early_stops": float(self.vlm_early_stops)}

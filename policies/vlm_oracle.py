@@ -1,0 +1,43 @@
+"""VLMOracle (paper 4.2, "VLM + Oracle"): the VLM plans key-steps, the oracle skills execute them.
+
+The VLM in key-step mode proposes the next key-step line from the current base-camera image
+(and its memory); the safe interpreter runs that line with the oracle's closed-loop skill until
+the skill terminates; then the VLM is asked again. The interpreter decides what runs (the
+planner's own ``PlanStep.error`` check is only counted): code that does not parse, calls
+something outside the API or names an object that is not in the scene ends the episode as a
+recorded failure (:class:`~policies.base.PolicyFailure` "code error" / "unknown object"),
+never a crash, never ``exec``.
+"""
+
+from __future__ import annotations
+
+from .base import CodePolicy
+
+
+class VLMOracle(CodePolicy):
+    """``planner``: a :class:`policies.vlm_planner.VLMPlanner` (or anything with ``reset(prompt)``
+    and ``next_key_step(image) -> PlanStep``)."""
+
+    kind = "vlm_oracle"
+
+    def __init__(self, planner):
+        super().__init__()
+        self.planner = planner
+
+    def reset(self, task: str, prompt: str) -> None:
+        super().reset(task, prompt)
+        self.planner.reset(prompt)
+        self.vlm_queries = 0
+        self.vlm_tokens = 0
+        self.vlm_errors = 0
+
+    def next_line(self, observation: dict) -> str:
+        step = self.planner.next_key_step(observation["base_rgb"])
+        self.vlm_queries += 1
+        self.vlm_tokens += int(step.tokens or 0)
+        self.vlm_errors += bool(step.error)
+        return step.line
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "vlm_queries": float(self.vlm_queries), "vlm_tokens": float(self.vlm_tokens),
+                "vlm_errors": float(self.vlm_errors)}

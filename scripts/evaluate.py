@@ -1,0 +1,94 @@
+"""`make eval`: roll out a policy on tasks with fixed seeds; writes a results table and TensorBoard logs.
+
+Usage: evaluate.py POLICY=vlm_dp DP=<ckpt> VLM=<dir> [TASKS=L0+L1] [EPISODES=64] [WORKERS=1] [OUT=...]
+       [key=value ...]                                                      (config: configs/eval.yaml)
+
+Writes <out>/results.md (markdown table), <out>/results.csv (per task), <out>/episodes.csv (per
+episode), <out>/videos/*.mp4 and TensorBoard scalars eval/success/<task>, eval/success/mean, the
+table as text and the videos as animated GIFs under <out>/tb/.
+"""
+
+import sys
+from pathlib import Path
+
+from configs import cli_config, to_yaml
+
+ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPISODES": "episodes",
+           "SEED_START": "seed_start", "WORKERS": "workers", "OUT": "out", "MAX_STEPS": "max_steps",
+           "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
+           "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device"}
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def policy_spec(cfg):
+    from policies.spec import OPTIONS, PolicySpec
+
+    kind = str(cfg.policy)
+    options = {k: v for k, v in dict(cfg.policy_options).items()
+               if k in OPTIONS.get(kind, ()) and v not in (0, None, "")}
+    return PolicySpec(kind, dp=cfg.dp, vlm=cfg.vlm, options=options)
+
+
+def main(argv: list[str]) -> int:
+    cfg = cli_config("eval", argv, ALIASES)
+    from policies.spec import PolicySpecError, build_policy
+
+    if int(cfg.episodes) < 1 or int(cfg.workers) < 0:
+        return fail("EPISODES must be >= 1 and WORKERS >= 0")
+    spec = policy_spec(cfg)
+    try:
+        spec.validate()
+    except PolicySpecError as e:
+        return fail(str(e))
+    import envs
+
+    tasks = envs.cli_tasks(cfg.tasks)
+    try:
+        policy = build_policy(spec)  # load once here: a bad checkpoint is one error, not N broken workers
+    except (FileNotFoundError, ValueError, OSError, KeyError, ImportError) as e:
+        return fail(f"cannot load policy {spec.kind}: {type(e).__name__}: {e}")
+    from policies.evaluator import evaluate
+
+    print(to_yaml(cfg))
+    workers = int(cfg.workers)
+    if workers > 0:
+        policy = None  # the workers build their own from the spec
+    result = evaluate(policy if workers == 0 else spec, tasks, int(cfg.episodes), seed_start=int(cfg.seed_start),
+                      workers=workers, image_size=int(cfg.env.image_size), backend=str(cfg.env.backend),
+                      max_steps=int(cfg.max_steps) or None, stop_on_success=bool(cfg.stop_on_success),
+                      video_episodes=int(cfg.video_episodes), progress=True)
+    write_outputs(cfg, result)
+    print(result.table_markdown())
+    print(f"{sum(r.n for r in result.per_task.values())} episodes in {result.seconds:.0f} s; wrote "
+          f"{cfg.out}/results.md, results.csv, episodes.csv, videos/ and tb/")
+    print(f"mean_success={result.mean_success:.4f}")
+    return 0
+
+
+def write_outputs(cfg, result) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from callbacks.media import log_videos
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / "results.md").write_text(result.table_markdown())
+    result.to_csv(out / "results.csv")
+    result.episodes_csv(out / "episodes.csv")
+    writer = SummaryWriter(str(out / "tb"))
+    try:
+        for name, value in result.metrics(prefix="eval").items():
+            writer.add_scalar(name, value, 0)
+        writer.add_text("eval/results", result.table_markdown(), 0)
+        log_videos(result.videos, out / "videos", writer, step=0, tag="eval/video")
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

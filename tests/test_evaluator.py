@@ -1,0 +1,114 @@
+"""The parallel evaluator (real simulator, OracleOnly) and `make eval` (scripts/evaluate.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policies.evaluator import DEFAULT_SEED_START, evaluate, evaluation_seeds, success_metrics
+from policies.spec import PolicySpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["Push", "Topple"]
+SEEDS = [100000, 100001, 100002, 100003, 100004]
+# Push takes 27-45 steps on these seeds: a cap of 30 mixes successes and step-cap failures
+KWARGS = dict(seeds=SEEDS, image_size=32, max_steps=30, video_episodes=0)
+
+
+def outcomes(result):
+    return {(e.task, e.seed): (e.success, e.steps, e.failure) for e in result.episodes}
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    return evaluate(PolicySpec("oracle"), TASKS, workers=0, **KWARGS)
+
+
+def test_default_seeds_are_fixed_and_far_from_data_seeds():
+    assert DEFAULT_SEED_START == 100000
+    assert evaluation_seeds() == list(range(100000, 100064))
+    assert evaluation_seeds(3, 7) == [7, 8, 9]
+
+
+def test_one_process_results_mix_successes_and_failures(one_process):
+    res = one_process
+    assert [(e.task, e.seed) for e in res.episodes] == [(t, s) for t in TASKS for s in SEEDS]
+    push = res.per_task["Push"]
+    assert 0 < push.successes < push.n
+    assert push.failure_reasons == {"step cap": push.n - push.successes}
+    assert all(e.steps == 30 for e in push.episodes if not e.success)
+    assert res.per_task["Topple"].success_rate == 1.0
+
+
+def test_two_spawn_workers_give_the_same_per_seed_results(one_process):
+    two = evaluate(PolicySpec("oracle"), TASKS, workers=2, **KWARGS)
+    assert outcomes(two) == outcomes(one_process)
+    np.testing.assert_array_equal(two.counts(), one_process.counts())
+
+
+def test_rank_shards_partition_the_seeds_and_sum_to_the_totals(one_process):
+    shards = [evaluate(PolicySpec("oracle"), TASKS, rank=r, world_size=2, **KWARGS) for r in (0, 1)]
+    assert sorted({e.seed for e in shards[0].episodes}) == SEEDS[0::2]
+    assert sorted({e.seed for e in shards[1].episodes}) == SEEDS[1::2]
+    merged = {**outcomes(shards[0]), **outcomes(shards[1])}
+    assert merged == outcomes(one_process)
+    total = shards[0].counts() + shards[1].counts()
+    np.testing.assert_array_equal(total, one_process.counts())
+    assert success_metrics(TASKS, total) == one_process.metrics()
+
+
+def test_tables(one_process):
+    md = one_process.table_markdown()
+    push = one_process.per_task["Push"]
+    assert f"| Push | {100 * push.success_rate:.1f}% | {push.successes} / 5 |" in md
+    assert "step cap (" in md and "| **mean** |" in md
+    rows = one_process.to_csv().splitlines()
+    assert rows[0].startswith("task,episodes,successes,success_rate,mean_length,failure_reasons")
+    assert rows[2].startswith("Topple,5,5,1.0000,")
+    assert len(one_process.episodes_csv().splitlines()) == 1 + 10
+    m = one_process.metrics()
+    assert m["rollout/success/Topple"] == 1.0 and m["rollout/episodes"] == 10
+    assert m["rollout/success/mean"] == pytest.approx((push.success_rate + 1.0) / 2)
+
+
+def run_script(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["POLICY=teleport"], "unknown policy 'teleport'"),
+    (["POLICY=flat_dp"], "needs a DP checkpoint"),
+    (["POLICY=vlm_dp", "DP=/nonexistent/dp.ckpt", "VLM=/nonexistent/vlm"], "does not exist"),
+    (["POLICY=oracle", "TASKS=Nowhere"], "unknown task or level 'Nowhere'"),
+    (["EPISODES=many"], "expected int"),
+    (["POLICY=oracle", "WHATEVER=1"], "unknown variable WHATEVER="),
+])
+def test_eval_script_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
+    proc = run_script(*args, f"OUT={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_script_writes_tables_tensorboard_and_videos(tmp_path):
+    out = tmp_path / "eval"
+    proc = run_script("POLICY=oracle", "TASKS=Topple", "EPISODES=2", "WORKERS=0", "env.image_size=32", f"OUT={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "mean_success=1.0000"
+    assert "| Topple | 100.0% | 2 / 2 |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().splitlines()[1].startswith("Topple,2,2,1.0000,")
+    assert (out / "videos" / "Topple_seed100000_success.mp4").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Scalars("eval/success/Topple")[0].value == 1.0
+    assert acc.Scalars("eval/success/mean")[0].value == 1.0
+    gif = acc.Images("eval/video/Topple/seed100000")[0].encoded_image_string
+    assert gif[:6] == b"GIF89a"

@@ -1,0 +1,267 @@
+"""Policy compositions: chunk regeneration (scripted VLM outputs + a counting DP), VLM+Oracle
+failures through the real env and interpreter, DP+Oracle line tracking, OracleOnly."""
+
+import os
+
+import numpy as np
+import pytest
+
+from datamodules.labels import commented
+from envs.oracle import run_oracle
+from policies.base import PolicyFailure
+from policies.dp_oracle import DPOracle, numeric_line
+from policies.evaluator import evaluate, run_episode
+from policies.flat_dp import FlatDP
+from policies.oracle_only import OracleOnly
+from policies.spec import PolicySpec, PolicySpecError, build_policy
+from policies.vlm_dp import VLMDP
+from policies.vlm_oracle import VLMOracle
+from policies.vlm_planner import PlanStep
+
+OBS = {"base_rgb": np.zeros((8, 8, 3), np.uint8)}
+
+
+class ScriptedPlanner:
+    """VLM stand-in: returns scripted lines; the memory follows the planner's rule (append
+    key-steps); ``cache_info`` is ExtractMemoryInfo of the memory."""
+
+    def __init__(self, lines):
+        self.lines = list(lines)
+
+    def reset(self, prompt, objects=None):
+        self.t, self.memory, self.prompt = 0, [], prompt
+
+    @property
+    def cache_info(self):
+        from datamodules.labels import extract_memory_info
+
+        return extract_memory_info(self.memory)
+
+    def _next(self, image):
+        line = self.lines[min(self.t, len(self.lines) - 1)]
+        self.t += 1
+        key = not line.startswith("#")
+        if key:
+            self.memory.append(line)
+        return PlanStep(line=line, key_step=key, new_key_step=key, error=None, tokens=3, early_stopped=False)
+
+    step = _next
+    next_key_step = _next
+
+
+class CountingDP:
+    """DP stand-in: chunk k holds actions [k, i, 0, ...] (i = index in the chunk); logs the calls."""
+
+    def __init__(self, horizon=8, n_action_steps=4):
+        self.horizon, self.n_action_steps = horizon, n_action_steps
+        self.calls = []
+
+    def reset(self):
+        self.calls.clear()
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        k = len(self.calls)
+        self.calls.append((instruction, cache_info))
+        chunk = np.zeros((self.horizon, 7), np.float32)
+        chunk[:, 0] = k
+        chunk[:, 1] = np.arange(self.horizon)
+        return chunk
+
+
+def script(key_steps, T):
+    """T VLM outputs with key-steps (plain lines) at ``key_steps`` and commented lines between."""
+    out, current = [], None
+    for t in range(T):
+        if t in key_steps:
+            current = f"move3d(get_actor('cube {t}'))"
+            out.append(current)
+        else:
+            out.append(commented(current))
+    return out
+
+
+def rollout(policy, T):
+    policy.reset("Task", "Do it.")
+    return [tuple(int(v) for v in policy.act(OBS)[:2]) for _ in range(T)]
+
+
+def test_regeneration_drops_the_queued_chunk_exactly_at_new_key_steps():
+    lines = script({0, 5, 6, 11}, 14)
+    lines[9] = lines[6]  # the same key-step line again, plain: a key-step, so it regenerates too
+    dp = CountingDP(horizon=8, n_action_steps=4)
+    policy = VLMDP(ScriptedPlanner(lines), dp, regenerate_on_keystep=True)
+    got = rollout(policy, 14)
+    # (chunk, index in chunk) per step: chunks start at 0, 4 (queue empty), 5 (key), 6 (key),
+    # 9 (the repeated key-step line) and 11 (key)
+    expected = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (4, 0), (4, 1),
+                (5, 0), (5, 1), (5, 2)]
+    assert got == expected
+    assert policy.dropped_chunks == 4  # at t = 5, 6, 9, 11; at t = 0 the queue was empty
+    assert policy.dropped_actions == 3 + 3 + 1 + 2
+    # the DP is conditioned on the instruction of the step that asked for the chunk
+    assert [c[0] for c in dp.calls] == [lines[t] for t in (0, 4, 5, 6, 9, 11)]
+
+
+def test_without_regeneration_chunks_run_blindly_for_n_action_steps():
+    dp = CountingDP(horizon=8, n_action_steps=3)
+    policy = VLMDP(ScriptedPlanner(script({0, 5, 6, 11}, 14)), dp, regenerate_on_keystep=False)
+    got = rollout(policy, 14)
+    assert got == [(t // 3, t % 3) for t in range(14)]
+    assert policy.dropped_chunks == 0 and policy.key_steps == 4
+
+
+def test_n_action_steps_override_and_bounds():
+    dp = CountingDP(horizon=8, n_action_steps=4)
+    policy = VLMDP(ScriptedPlanner(script({0}, 20)), dp, n_action_steps=8)
+    assert rollout(policy, 20) == [(t // 8, t % 8) for t in range(20)]
+    with pytest.raises(ValueError, match="n_action_steps"):
+        VLMDP(ScriptedPlanner([]), CountingDP(horizon=8), n_action_steps=9)
+
+
+def test_dp_gets_the_cache_info_of_the_memory_before_the_step():
+    lines = ["pose_dict['target'] = free_space(get_actor('red cube'))", "move3d(pose_dict['target'])",
+             "# move3d(pose_dict['target'])"]
+    dp = CountingDP(horizon=4, n_action_steps=1)
+    rollout(VLMDP(ScriptedPlanner(lines), dp), 3)
+    assert [c[1] for c in dp.calls] == ["None", lines[0], lines[0]]  # M_t excludes step t's own line
+
+
+def test_flat_dp_is_conditioned_on_the_prompt_and_never_regenerates_early():
+    dp = CountingDP(horizon=6, n_action_steps=5)
+    policy = FlatDP(dp)
+    assert rollout(policy, 11) == [(t // 5, t % 5) for t in range(11)]
+    assert dp.calls == [("Do it.", "None")] * 3
+
+
+def test_non_finite_dp_actions_end_the_episode_as_a_failure():
+    class NanDP(CountingDP):
+        def predict_action_chunk(self, *a):
+            return np.full((self.horizon, 7), np.nan, np.float32)
+
+    policy = FlatDP(NanDP())
+    policy.reset("Task", "Do it.")
+    with pytest.raises(PolicyFailure, match="invalid action"):
+        policy.act(OBS)
+
+
+@pytest.mark.parametrize("bad_line, reason, words", [
+    ("move3d(get_actor('{obj}')", "code error", "not parseable"),
+    ("teleport(get_actor('{obj}'))", "code error", "is not a skill"),
+    ("pick(get_actor('golden dragon'))", "unknown object", "in the scene"),
+    ("__import__('os').system('touch {marker}')", "code error", "must call a skill"),
+    ("# move3d(get_actor('{obj}'))", "code error", "commented-out"),
+])
+def test_vlm_oracle_turns_bad_code_into_a_recorded_failure(make_task_env, tmp_path, bad_line, reason, words):
+    env = make_task_env("PlaceOnTop", 32)
+    env.reset(seed=3)
+    obj = env.layout.params["obj"]
+    marker = tmp_path / "executed"
+    bad = bad_line.format(obj=obj, marker=marker)
+    # one good key-step first: the bad line comes after real steps in the real scene
+    policy = VLMOracle(ScriptedPlanner([f"move3d(get_actor('{obj}'))", bad]))
+    result, video = run_episode(env, policy, seed=3, record_video=True)
+    assert not result.success
+    assert result.failure == reason, result
+    assert words in result.detail and bad in result.detail
+    assert result.steps > 5  # the good move3d ran to its termination first
+    assert result.stats["vlm_queries"] == 2
+    assert not marker.exists()
+    assert video.captions[-1].startswith(f"FAIL: {reason}")
+
+
+def test_vlm_oracle_with_a_correct_plan_solves_the_task(make_task_env):
+    env = make_task_env("PlaceNextTo", 32)
+    trace = run_oracle(env, seed=100001)
+    assert trace.success
+    policy = VLMOracle(ScriptedPlanner(trace.key_lines))
+    result, _ = run_episode(env, policy, seed=100001, stop_on_success=False)
+    assert result.success and result.steps == len(trace), result
+    assert policy.finished  # done() ended the episode
+
+
+def test_oracle_only_reproduces_run_oracle(make_task_env):
+    env = make_task_env("PlaceNextTo", 32)
+    trace = run_oracle(env, seed=100002)
+    policy = OracleOnly()
+    policy.attach(env)
+    result, _ = run_episode(env, policy, seed=100002, stop_on_success=False)
+    assert result.success == trace.success and result.steps == len(trace)
+    assert result.stats["code_lines"] == len(trace.key_lines)
+
+
+def test_oracle_only_succeeds_through_the_evaluator():
+    res = evaluate(PolicySpec("oracle"), ["PlaceOnTop", "Topple"], seeds=[100000, 100001], image_size=32,
+                   video_episodes=1)
+    for task in ("PlaceOnTop", "Topple"):
+        r = res.per_task[task]
+        assert r.n == 2 and r.success_rate == 1.0, r.failure_reasons
+        assert 5 < r.mean_length < 250
+    assert res.mean_success == 1.0
+    assert [(v.task, v.seed) for v in res.videos] == [("PlaceOnTop", 100000), ("Topple", 100000)]
+    video = res.videos[0]
+    assert video.frames.shape[1:] == (32, 32, 3) and len(video.captions) == len(video.frames)
+    assert "move3d(get_actor(" in video.captions[0] and video.captions[-1] == "SUCCESS"
+
+
+class ReplayDP(CountingDP):
+    """Replays recorded actions by the env's step counter: a perfect DP for one seed."""
+
+    def __init__(self, env, actions, horizon=8, n_action_steps=8):
+        super().__init__(horizon, n_action_steps)
+        self.env, self.actions = env, np.array(actions)
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        self.calls.append((instruction, cache_info))
+        t = int(self.env.elapsed_steps[0])
+        idx = np.minimum(np.arange(t, t + self.horizon), len(self.actions) - 1)
+        return self.actions[idx]
+
+
+def test_dp_oracle_tracks_the_oracle_lines_with_positions_inserted(make_task_env):
+    env = make_task_env("Swap", 32)
+    trace = run_oracle(env, seed=100000)
+    assert trace.success
+    dp = ReplayDP(env, trace.actions)
+    policy = DPOracle(dp, regenerate_on_keystep=True)
+    policy.attach(env)
+    result, video = run_episode(env, policy, seed=100000, record_video=True)
+    assert result.success, result
+    # the DP's actions were the oracle's, so the tracked lines change exactly where the oracle's did
+    key_t = [t for t, s in enumerate(trace.steps) if s.key_step and t < result.steps]
+    assert len(key_t) >= 14 and result.stats["key_steps"] == len(key_t)
+    instructions = [c.lstrip().split(" ", 1)[1] for c in video.captions[:-1]]  # captions: "<t> <line>"
+    assert [t for t, c in enumerate(instructions) if not c.startswith("#")] == key_t
+    env.reset(seed=100000)
+    p = env.layout.params
+    start_a = env.object_pose(p["a"]).p
+    first = instructions[0]
+    assert first == f"pose_dict[{p['a']!r}] = ({start_a[0]:.3f}, {start_a[1]:.3f}, {start_a[2]:.3f})"
+    assert "pose_dict" not in instructions[key_t[9]]  # move3d(pose_dict[a]) -> numbers
+    assert instructions[key_t[9]].startswith("move3d((")
+    # cache info: the numeric assignments among the key-steps *before* t (three at t = 0, 1, 2)
+    assert key_t[:3] == [0, 1, 2]
+    assert [c[1] for c in dp.calls[:3]] == ["None", instructions[0], instructions[0] + "\n" + instructions[1]]
+    assert dp.calls[-1][1].count("pose_dict[") == 3
+
+
+def test_numeric_line():
+    from envs.skills import Pose
+
+    poses = {"red cube": Pose((0.1, -0.2, 0.0251)), "free": Pose((0.01, 0.02, 0.03))}
+    assert numeric_line("place(get_actor('red cube'), pose_dict['free'])", poses) == \
+        "place(get_actor('red cube'), (0.010, 0.020, 0.030))"
+    assert numeric_line("pose_dict['red cube'] = get_pose(get_actor('red cube'))", poses) == \
+        "pose_dict['red cube'] = (0.100, -0.200, 0.025)"
+    assert numeric_line("move3d(pose_dict['gone'])", poses) == "move3d(pose_dict['gone'])"
+
+
+def test_policy_spec_errors(tmp_path):
+    with pytest.raises(PolicySpecError, match="unknown policy"):
+        PolicySpec("teleport").validate()
+    with pytest.raises(PolicySpecError, match="needs a DP"):
+        PolicySpec("vlm_dp", vlm=str(tmp_path)).validate()
+    with pytest.raises(PolicySpecError, match="does not exist"):
+        PolicySpec("flat_dp", dp=os.path.join(tmp_path, "missing.ckpt")).validate()
+    with pytest.raises(PolicySpecError, match="no option"):
+        PolicySpec("oracle", options={"horizon": 4}).validate()
+    assert isinstance(build_policy(PolicySpec("oracle")), OracleOnly)
