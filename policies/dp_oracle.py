@@ -15,6 +15,9 @@ DP+Oracle. As in the labels, the line is plain at its key-step and commented (``
 steps; the cache info is ExtractMemoryInfo of the numeric key-step lines before t. Action
 chunks are regenerated when the oracle's line changes (``regenerate_on_keystep``), as in VLMDP.
 A DP for this policy must be trained on labels in the same form: :func:`numeric_line`.
+With ``insert_positions=False`` the oracle's lines are passed as they are (the labels a ``code``
+DP was trained on): the oracle as the high-level planner, e.g. to evaluate a code-conditioned DP
+during training without a VLM.
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ class DPOracle(ChunkedDP):
 
     kind = "dp_oracle"
 
+    def __init__(self, dp, *, insert_positions: bool = True, **chunking):
+        super().__init__(dp, **chunking)
+        self.insert_positions = bool(insert_positions)
+
     def reset_instructions(self, prompt: str) -> None:
         if self.env is None:
             raise RuntimeError("DPOracle follows the oracle: call attach(env) before reset")
@@ -101,7 +108,7 @@ class DPOracle(ChunkedDP):
         cache_info = extract_memory_info(self.memory)  # M_t: key-step lines before t
         line, key_step = self.tracker.step()
         if key_step:
-            self.current = numeric_line(line, self.tracker.executor.api.pose_dict)
+            self.current = numeric_line(line, self.tracker.executor.api.pose_dict) if self.insert_positions else line
             self.memory.append(self.current)
             return self.current, True, cache_info
         return commented(self.current), False, cache_info

@@ -14,7 +14,7 @@ oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
 vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           device
-dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, device
+dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, device
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
@@ -39,7 +39,7 @@ OPTIONS = {
     "flat_dp": _CHUNKING | {"device"},
     "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "device"},
     "vlm_oracle": {"device"},
-    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "device"},
+    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "device"},
 }
 
 
@@ -124,4 +124,4 @@ def build_policy(spec: PolicySpec):
         return VLMOracle(vlm)
     from .dp_oracle import DPOracle
 
-    return DPOracle(dp, **chunking)
+    return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **chunking)

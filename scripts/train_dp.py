@@ -35,6 +35,27 @@ def build(cfg):
     return module, datamodule
 
 
+def rollout_callbacks(cfg) -> list:
+    """The rollout-evaluation callback of ``cfg.rollout`` ([] when it is off)."""
+    r = cfg.rollout
+    if r.every_n_val_epochs <= 0:
+        return []
+    from callbacks.rollout import RolloutEvaluation
+
+    policy, options = r.policy, {}
+    if policy == "auto":
+        if r.vlm:
+            policy = "vlm_dp"
+        elif cfg.conditioning in ("task", "none"):
+            policy = "flat_dp"
+        else:  # the oracle's code lines as the high level (no VLM needed)
+            policy, options = "dp_oracle", {"insert_positions": False}
+    return [RolloutEvaluation(r.tasks or cfg.tasks, policy=policy, vlm=r.vlm, episodes=r.episodes,
+                              every_n_val_epochs=r.every_n_val_epochs, workers=r.workers,
+                              image_size=r.image_size, max_steps=r.max_steps, video_episodes=r.video_episodes,
+                              options=options)]
+
+
 def main(argv: list[str]) -> int:
     cfg = cli_config("dp", argv, ALIASES)
     from pathlib import Path
@@ -44,16 +65,18 @@ def main(argv: list[str]) -> int:
     from datamodules.dataset import schema
     from envs import UnknownTaskError
     from lightning_modules.training import RunError, make_trainer, resolve_resume
+    from policies.spec import PolicySpecError
 
     try:
         resume = resolve_resume(cfg)
         module, datamodule = build(cfg)
-    except (RunError, UnknownTaskError, FileNotFoundError, ValueError, schema.SchemaError) as e:
+        callbacks = rollout_callbacks(cfg)
+    except (RunError, UnknownTaskError, FileNotFoundError, ValueError, schema.SchemaError, PolicySpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
-    trainer = make_trainer(cfg, monitor="val/loss")
+    trainer = make_trainer(cfg, monitor="val/loss", callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     if trainer.is_global_zero:
         path = module.export_policy(Path(cfg.out) / "policy.pt")
