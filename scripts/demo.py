@@ -1,47 +1,103 @@
-"""`make demo`: oracle episodes of a few tasks as a PNG grid and captioned MP4s.
+"""`make demo`: the whole pipeline on the cpu presets, each stage through its own entry point.
 
-Usage: demo.py [TASKS=...] [key=value ...]   (config: configs/demo.yaml)
+Usage: demo.py [TASKS=...] [EPISODES=...] [OUT=...] [key=value ...]   (config: configs/demo.yaml)
+
+1. oracle preview: one episode per task as a PNG grid and captioned MP4s     (<out>/oracle/)
+2. oracle data    : scripts/generate_data.py                                  (<out>/data/)
+3. code VLM       : scripts/train_vlm.py, cpu preset                          (<out>/vlm/)
+4. diffusion pol. : scripts/train_dp.py, cpu preset, code conditioning, with
+                    rollout success curves in TensorBoard                     (<out>/dp/)
+5. evaluation     : scripts/evaluate.py, VLM+DP and VLM+Oracle               (<out>/eval/)
+
+A stage whose result exists is skipped (runs are resumed with RESUME=auto), so an interrupted
+demo continues where it stopped.
 """
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from configs import cli_config
 
-ALIASES = {"TASKS": "tasks", "OUT": "out", "SEED": "seed"}
+ALIASES = {"TASKS": "tasks", "EPISODES": "episodes", "OUT": "out", "SEED": "seed"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str]) -> int:
-    cfg = cli_config("demo", argv, ALIASES)
+def oracle_preview(cfg, tasks: list[str], out: Path) -> int:
+    """One oracle episode per task: ``grid.png`` (rows: tasks) and ``<Task>.mp4``; returns failures."""
+    import numpy as np
+
     import envs
     from envs.oracle import run_oracle
     from envs.tabletop import observation_arrays
     from envs.video import caption, grid, write_mp4, write_png
 
-    tasks = envs.cli_tasks(cfg.tasks)
-    out = Path(cfg.out)
     rows, titles, failures = [], [], 0
     for task in tasks:
-        t0 = time.time()
         env = envs.make_env(task, image_size=cfg.env.image_size, backend=cfg.env.backend)
         ep = run_oracle(env, int(cfg.seed), record_obs=True)
         frames = [observation_arrays(o) for o in ep.observations]
-        video = [caption(np.concatenate([f["base_rgb"], f["wrist_rgb"]], axis=1),
-                         ("" if s.key_step else "# ") + s.line) for f, s in zip(frames, ep.steps)]
-        write_mp4(out / f"{task}.mp4", video)
+        write_mp4(out / f"{task}.mp4", [caption(np.concatenate([f["base_rgb"], f["wrist_rgb"]], axis=1),
+                                                ("" if s.key_step else "# ") + s.line)
+                                        for f, s in zip(frames, ep.steps)])
         picks = np.linspace(0, len(frames) - 1, int(cfg.frames_per_episode)).round().astype(int)
         rows.append([frames[i]["base_rgb"] for i in picks])
         titles.append(f"{task}: {ep.prompt}  [{'success' if ep.success else 'FAIL: ' + ep.failure}]")
         failures += not ep.success
         env.close()
-        print(f"{task:<13} {'ok  ' if ep.success else 'FAIL'} {len(ep):4d} steps  {time.time() - t0:5.1f} s  "
+        print(f"{task:<13} {'ok  ' if ep.success else 'FAIL'} {len(ep):4d} steps  "
               f"{len(ep.key_lines)} code lines: {ep.key_lines[0]} ...")
-    write_png(out / "oracle_grid.png", grid(rows, titles))
-    print(f"\nwrote {out}/oracle_grid.png (rows: tasks, columns: time) and {out}/<Task>.mp4 "
-          "(base | wrist camera, caption: the running code line)")
+    write_png(out / "grid.png", grid(rows, titles))
+    return failures
+
+
+def stage(name: str, script: str, *args: str) -> None:
+    print(f"\n=== {name}: {script} {' '.join(args)}", flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], check=True, cwd=ROOT)
+    print(f"=== {name}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    cfg = cli_config("demo", argv, ALIASES)
+    import envs
+
+    tasks = envs.cli_tasks(cfg.tasks)
+    out = Path(cfg.out)
+    size = f"env.image_size={cfg.env.image_size}"
+    t_start = time.time()
+    print(f"=== oracle preview: {', '.join(tasks)}")
+    failures = oracle_preview(cfg, tasks, out / "oracle")
+    data, vlm, dp = out / "data", out / "vlm", out / "dp"
+    try:
+        stage("oracle data", "generate_data.py", f"OUT={data}", f"TASKS={','.join(tasks)}",
+              f"EPISODES={cfg.episodes}", f"WORKERS={cfg.workers}", size)
+        if not (vlm / "export").exists():
+            stage("code VLM", "train_vlm.py", f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={vlm}",
+                  "RESUME=auto", f"STEPS={cfg.vlm_steps}", "trainer.enable_progress_bar=false")
+        if not (dp / "policy.pt").exists():
+            stage("diffusion policy", "train_dp.py", f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={dp}",
+                  "RESUME=auto", f"trainer.max_steps={cfg.dp_steps}", f"model.image_size={cfg.env.image_size}",
+                  f"rollout.every_n_val_epochs={cfg.rollout_every}", "rollout.episodes=2",
+                  "trainer.enable_progress_bar=false")
+        for policy in ("vlm_dp", "vlm_oracle"):
+            stage(f"evaluate {policy}", "evaluate.py", f"POLICY={policy}", f"DP={dp / 'policy.pt'}",
+                  f"VLM={vlm / 'export'}", f"TASKS={','.join(tasks)}", f"EPISODES={cfg.eval_episodes}",
+                  f"WORKERS={cfg.workers}", f"OUT={out / 'eval' / policy}", size)
+    except subprocess.CalledProcessError as e:
+        print(f"error: stage failed ({' '.join(map(str, e.cmd[1:]))}, exit {e.returncode})", file=sys.stderr)
+        return 1
+    print(f"\nmake demo finished in {(time.time() - t_start) / 60:.1f} min. Results:")
+    print(f"  oracle preview   {out}/oracle/grid.png and <Task>.mp4 (code line in the caption)")
+    for policy in ("vlm_dp", "vlm_oracle"):
+        print(f"  {policy:<16} {out}/eval/{policy}/results.md, videos/*.mp4")
+    print(f"  TensorBoard      make tensorboard   (logdir outputs/: {dp}/tb has train/loss, val/action_mse and "
+          f"rollout/success/*; {vlm}/tb has the VLM metrics)")
+    for policy in ("vlm_dp", "vlm_oracle"):
+        results = out / "eval" / policy / "results.md"
+        if results.exists():
+            print(f"\n{policy}:\n{results.read_text()}")
     return 1 if failures else 0
 
 

@@ -28,8 +28,11 @@ def policy_spec(cfg):
     from policies.spec import OPTIONS, PolicySpec
 
     kind = str(cfg.policy)
+    def unset(k, v):  # 0 means "the checkpoint's own" for the chunk sizes; False is a real value
+        return v is None or v == "" or (k in ("n_action_steps", "horizon") and v == 0)
+
     options = {k: v for k, v in dict(cfg.policy_options).items()
-               if k in OPTIONS.get(kind, ()) and v not in (0, None, "")}
+               if k in OPTIONS.get(kind, ()) and not unset(k, v)}
     return PolicySpec(kind, dp=cfg.dp, vlm=cfg.vlm, options=options)
 
 

@@ -27,9 +27,11 @@ def test_load_data_config():
 def test_env_section_merged_from_env_yaml():
     env = OmegaConf.load(CONFIG_DIR / "env.yaml")
     assert len(env) > 0
-    for name in ("data", "demo"):
-        cfg = load_config(name)
-        assert OmegaConf.to_container(cfg.env) == OmegaConf.to_container(env), name
+    cfg = load_config("data")
+    assert OmegaConf.to_container(cfg.env) == OmegaConf.to_container(env)
+    demo = load_config("demo")  # sets its own image size, inherits the rest
+    assert demo.env.image_size == OmegaConf.load(CONFIG_DIR / "demo.yaml").env.image_size
+    assert demo.env.backend == env.backend
 
 
 def test_env_override():
