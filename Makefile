@@ -71,8 +71,8 @@ demo: install runtime-dir ## run scripts/demo.py (command-line variables are pas
 data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (TASKS= EPISODES= DATASET= SEED_START= WORKERS= OUT= key=value)
 	$(PY) scripts/generate_data.py $(ARGS)
 
-train-vlm: ## train the VLM (not yet available, issue 5)
-	@echo "$@: not yet available (see issue 5)" >&2; exit 2
+train-vlm: install runtime-dir ## train the code VLM: scripts/train_vlm.py (DATASET= DATA= PRESET=cpu|paper RESUME= OUT= STEPS= key=value)
+	$(PY) scripts/train_vlm.py $(ARGS)
 
 train-dp: install runtime-dir ## train the diffusion policy: scripts/train_dp.py (DATASET= DATA= CONDITIONING= PRESET=cpu|paper RESUME= OUT= key=value)
 	$(PY) scripts/train_dp.py $(ARGS)
@@ -80,8 +80,8 @@ train-dp: install runtime-dir ## train the diffusion policy: scripts/train_dp.py
 eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= OUT= REGENERATE= N_ACTION_STEPS= key=value)
 	$(PY) scripts/evaluate.py $(ARGS)
 
-relabel-dp: ## relabel the diffusion-policy data (not yet available, issue 5)
-	@echo "$@: not yet available (see issue 5)" >&2; exit 2
+relabel-dp: install runtime-dir ## store VLM instructions as labels/vlm in the DP data: scripts/relabel_dp.py (DATASET= DATA= VLM= key=value)
+	$(PY) scripts/relabel_dp.py $(ARGS)
 
 tensorboard: install ## TensorBoard on outputs/ (localhost, TB_PORT=6006)
 	$(PY) -m tensorboard.main --logdir outputs --port $(TB_PORT)
