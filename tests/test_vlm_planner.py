@@ -1,0 +1,171 @@
+"""VLMPlanner logic: memory rule, early stopping, key-step mode, malformed lines, prefix KV cache.
+
+The logic tests replace the model's greedy token stream by a scripted one (allowed: they test
+our decoding logic, not the model); the cache test runs a real tiny random-init LLaVA.
+"""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from datamodules.labels import extract_memory_info, memories, step_labels
+from datamodules.vqa import code_question
+from lightning_modules.vlm.model import build_tiny, tiny_processor
+from lightning_modules.vlm.tokenizer import train_tokenizer
+from policies.vlm_planner import VLMPlanner
+
+TRACE = step_labels(
+    ["pose_dict['target'] = free_space_next_to(get_actor('red cube'), get_actor('blue cylinder'), direction='left')",
+     "move3d(get_actor('red cube'))", "move3d(get_actor('red cube'))", "move3d(get_actor('red cube'))",
+     "move3d(get_actor('red cube'))", "pick(get_actor('red cube'))", "pick(get_actor('red cube'))",
+     "move3d(pose_dict['target'])", "place(get_actor('red cube'), pose_dict['target'])", "done()"],
+    [True, True, False, False, True, True, False, True, True, True])  # a repeated move3d key-step
+IMAGE = np.zeros((32, 32, 3), dtype=np.uint8)
+TINY = {"image_size": 32, "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "patch_size": 8},
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "max_position_embeddings": 512}, "vision_feature_layer": -1}
+
+
+@pytest.fixture(scope="module")
+def parts():
+    corpus = TRACE + [code_question("Place the red cube to the left of the blue cylinder.", m) for m in memories(TRACE)]
+    processor = tiny_processor(train_tokenizer(corpus, 300, 1), 32, 8)
+    model = build_tiny(OmegaConf.create(TINY), processor)
+    return model, processor
+
+
+class Scripted(VLMPlanner):
+    """A planner whose 'model' emits scripted lines, token by token (counts what it consumed)."""
+
+    def __init__(self, parts, lines, **kw):
+        super().__init__(*parts, **kw)
+        self.lines = list(lines)
+        self.consumed = 0
+        self.requests = []
+
+    def _token_stream(self, image, request):
+        self.requests.append(request)
+        ids = self.tok(self.lines.pop(0), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        for t in ids:
+            self.consumed += 1
+            yield t
+
+
+def test_memory_rule_matches_training_memories(parts):
+    planner = Scripted(parts, TRACE, early_stop_k=0)
+    planner.reset("Place the red cube to the left of the blue cylinder.")
+    expected = memories(TRACE) + [[x for x in TRACE if not x.startswith("#")]]
+    for t, label in enumerate(TRACE):
+        assert planner.memory == expected[t]
+        assert planner.cache_info == extract_memory_info(expected[t])
+        step = planner.step(IMAGE)
+        assert step.line == label and step.error is None and not step.early_stopped
+        assert step.key_step == step.new_key_step == (not label.startswith("#"))
+    assert planner.memory == expected[-1]
+    assert planner.memory.count("move3d(get_actor('red cube'))") == 2  # repeated key-steps are kept
+    assert planner.cache_info.startswith("pose_dict['target'] = ")
+    planner.reset("again")
+    assert planner.memory == [] and planner.cache_info == "None"
+
+
+def test_early_stop_returns_the_commented_last_key_step(parts):
+    last = "move3d(get_actor('red cube'))"
+    full = Scripted(parts, ["# " + last], early_stop_k=0)
+    full.reset("p")
+    full.memory = [last]
+    ref = full.step(IMAGE)
+    for k in (2, 6, 12):
+        planner = Scripted(parts, ["# " + last + " and then garbage that is never decoded"], early_stop_k=k)
+        planner.reset("p")
+        planner.memory = [last]
+        step = planner.step(IMAGE)
+        assert step.early_stopped and step.line == "# " + last and step.error is None
+        assert not step.key_step and not step.new_key_step and planner.memory == [last]
+        assert step.tokens == planner.consumed < ref.tokens
+        text = planner.tok.decode(planner.tok(step.line)["input_ids"][: step.tokens])
+        assert len(text) >= k and len(planner.tok.decode(planner.tok(step.line)["input_ids"][: step.tokens - 1])) < k
+    assert ref.tokens == full.consumed and not ref.early_stopped and ref.line == "# " + last
+
+
+def test_no_early_stop_on_a_different_line_or_empty_memory(parts):
+    planner = Scripted(parts, ["# pick(get_actor('red cube'))", "pick(get_actor('red cube'))",
+                               "# move3d(get_actor('red cube'))"], early_stop_k=6)
+    planner.reset("p")
+    planner.memory = ["move3d(get_actor('red cube'))"]
+    a = planner.step(IMAGE)  # commented, but not the last key-step: "# pick" != "# move"
+    assert not a.early_stopped and a.line == "# pick(get_actor('red cube'))" and not a.key_step
+    b = planner.step(IMAGE)  # a new key-step
+    assert not b.early_stopped and b.new_key_step and planner.memory[-1] == "pick(get_actor('red cube'))"
+    c = planner.step(IMAGE)  # commented move3d no longer matches the last key-step (pick)
+    assert not c.early_stopped and c.line == "# move3d(get_actor('red cube'))"
+    planner = Scripted(parts, ["# move3d(get_actor('red cube'))"], early_stop_k=6)
+    planner.reset("p")
+    assert not planner.step(IMAGE).early_stopped  # nothing to compare with
+
+
+def test_key_step_mode_asks_with_the_request_and_appends(parts):
+    planner = Scripted(parts, ["move3d(get_actor('red cube'))", "pick(get_actor('red cube'))"])
+    planner.reset("Pick up the red cube.")
+    s1, s2 = planner.next_key_step(IMAGE), planner.next_key_step(IMAGE)
+    assert planner.requests == [True, True]
+    assert s1.new_key_step and s2.new_key_step and planner.memory == [s1.line, s2.line]
+    prefix, rest = planner._prompt_parts(request=True)
+    assert "Please give a keystep reply" in rest and "pick(get_actor('red cube'))" in prefix
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("move3d(get_actor('red cube')", "not parseable"),
+    ("fly(get_actor('red cube'))", "not a skill"),
+    ("pick(teleport('red cube'))", "unknown function"),
+    ("import os", "not allowed"),
+    ("# fly(get_actor('red cube'))", "not a skill"),
+    ("pick(get_actor('green hexagon'))", "unknown object"),
+])
+def test_malformed_lines_are_flagged_not_executed(parts, line, reason):
+    planner = Scripted(parts, [line])
+    planner.reset("p", objects=["red cube", "blue cylinder"])
+    step = planner.step(IMAGE)
+    assert step.line == line and step.error is not None and reason in step.error
+
+
+def test_unknown_object_needs_the_scene_objects(parts):
+    planner = Scripted(parts, ["pick(get_actor('green hexagon'))"])
+    planner.reset("p")  # objects unknown: only the syntax and the API are checked
+    assert planner.step(IMAGE).error is None
+
+
+def test_max_new_tokens_bounds_decoding(parts):
+    planner = Scripted(parts, ["move3d(get_actor('red cube'))"], max_new_tokens=3)
+    planner.reset("p")
+    step = planner.step(IMAGE)
+    assert step.tokens == 3 and step.error is not None
+
+
+def test_prefix_cache_gives_the_same_lines_with_less_prefill(parts):
+    model, processor = parts
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
+    out = {}
+    for cache in (False, True):
+        planner = VLMPlanner(model, processor, early_stop_k=0, max_new_tokens=8, use_prefix_cache=cache)
+        planner.reset("Place the red cube to the left of the blue cylinder.")
+        lines = []
+        for im in images:  # the same memory at every step (random lines would change it)
+            planner.memory = list(TRACE[:2])
+            lines.append(planner.step(im).line)
+        out[cache] = (lines, planner.stats.prefill_tokens, planner.stats.tokens)
+    assert out[True][0] == out[False][0] and out[True][2] == out[False][2]
+    assert out[True][1] < out[False][1]
+    # logits agree too: the cached prefix + suffix equals the whole prompt
+    planner = VLMPlanner(model, processor, use_prefix_cache=True)
+    planner.reset("p")
+    prefix, rest = planner._prompt_parts(False)
+    ids = [processor.tokenizer.bos_token_id] + processor.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    enc = processor(text=rest, images=images[0], add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        whole = model(input_ids=torch.cat([torch.tensor([ids]), enc["input_ids"]], 1), pixel_values=enc["pixel_values"])
+        pre = model(input_ids=torch.tensor([ids]), use_cache=True)
+        part = model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], past_key_values=pre.past_key_values)
+    torch.testing.assert_close(whole.logits[0, -1], part.logits[0, -1], atol=1e-4, rtol=1e-4)
