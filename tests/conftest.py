@@ -32,3 +32,25 @@ def make_task_env():
     for env in _ENVS.values():
         env.close()
     _ENVS.clear()
+
+
+_DATASETS = {}
+
+
+@pytest.fixture(scope="session")
+def oracle_data(tmp_path_factory):
+    """Session cache of real oracle datasets made by `make data`'s script: (tasks, episodes, px) -> folder."""
+    import subprocess
+
+    def get(tasks: list[str], episodes: int, image_size: int = 32):
+        key = (tuple(tasks), episodes, image_size)
+        if key not in _DATASETS:
+            out = tmp_path_factory.mktemp("oracle_data")
+            r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={out}",
+                                f"TASKS={','.join(tasks)}", f"EPISODES={episodes}", f"env.image_size={image_size}"],
+                               capture_output=True, text=True, timeout=600, cwd=ROOT)
+            assert r.returncode == 0, r.stderr[-2000:]
+            _DATASETS[key] = out
+        return _DATASETS[key]
+
+    return get

@@ -26,13 +26,8 @@ TINY = dict(horizon=16, image_size=32, crop_ratio=1.0, resnet_width=8, d_model=6
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpdata")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={out}",
-                        f"TASKS={','.join(TASKS)}", "EPISODES=3", "env.image_size=32"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+def data(oracle_data):
+    return oracle_data(TASKS, 3)
 
 
 def make(data, conditioning="code", batch_size=16, val_fraction=0.25, **model):

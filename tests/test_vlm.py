@@ -3,7 +3,6 @@ the training entry point with export and resume, VLM relabelling, and (slow) lea
 
 import hashlib
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,13 +36,8 @@ SMALL_CLI = ["model.image_size=32", "model.text.num_hidden_layers=2", "model.tex
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vlm_ds")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={out}",
-                        f"TASKS={','.join(TASKS)}", "EPISODES=2", "env.image_size=32"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+def data(oracle_data):
+    return oracle_data(TASKS, 2)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer for the cpu preset, trained offline on the dataset's VQA text.
+r"""Byte-level BPE tokenizer for the cpu preset, trained offline on the dataset's VQA text.
 
 Byte-level, so any text encodes; special tokens ``<pad>``, ``<s>`` (BOS), ``</s>`` (EOS) and the
 LLaVA image placeholder ``<image>``. Pre-tokenisation isolates words (``\w+``), runs of
