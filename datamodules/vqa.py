@@ -128,7 +128,7 @@ class VQADataset(Dataset):
         task, episode, t
     """
 
-    def __init__(self, files, select=None, code_fraction: float = 0.5, intermediate_fraction: float = 0.25,
+    def __init__(self, files, select=None, code_fraction: float = 0.5, intermediate_fraction: float = 0.5,
                  keystep_request: bool = True, grid: int = 10, negatives: int = 1, seed: int = 0,
                  label_set: str = "oracle", max_items: int = 0, missed_keystep_fraction: float = 0.0):
         if not 0 < code_fraction <= 1:
