@@ -46,11 +46,11 @@ class DiffusionPolicy:
             hp = blob["hyper_parameters"]
             config, n_steps = dict(hp["model"]), hp.get("n_action_steps", 8)
             state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
-            names = [n for n, _ in DiffusionPolicyModel(**config).named_parameters()]
-            state.update(zip(names, blob["ema"]["shadow_params"]))
         else:
             raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
         model = DiffusionPolicyModel(**config)
+        if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
+            state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))
         model.load_state_dict(state)
         return cls(model, **{"n_action_steps": n_steps, "device": device, **overrides})
 
