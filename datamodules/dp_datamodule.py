@@ -100,12 +100,3 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         if len(self.val_set) == 0:
             return []
         return self._loader(self.val_set)
-
-
-def episode_counts(dataset: OracleStepDataset) -> dict[str, int]:
-    """Episodes per task of a dataset (for logs)."""
-    counts: dict[str, int] = {}
-    for ep in dataset.episodes:
-        counts[ep.task] = counts.get(ep.task, 0) + 1
-    return counts
-
