@@ -65,6 +65,12 @@ class Policy:
         return {}
 
 
+def scene_objects(env) -> list[str] | None:
+    """The names ``get_actor`` resolves in ``env`` (None when no env is attached)."""
+    specs = getattr(env, "specs", None)
+    return sorted(specs) if specs else None
+
+
 def code_failure(error: CodeError, line: str) -> PolicyFailure:
     """A CodeError of the interpreter as a PolicyFailure: "unknown object" or "code error"."""
     reason = "unknown object" if isinstance(error, UnknownObjectError) else "code error"

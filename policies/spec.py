@@ -12,13 +12,15 @@ kind        policy                                       needs         options
 ==========  ===========================================  ============  =====================
 oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
-vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, device
-vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           device
+vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, device
+vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
 dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, device
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
-``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it).
+``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``constrain_objects``: the
+VLM may only name the scene's objects (absent: the VLM export's own setting; see
+``policies.vlm_planner``).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ _CHUNKING = {"n_action_steps", "horizon"}
 OPTIONS = {
     "oracle": set(),
     "flat_dp": _CHUNKING | {"device"},
-    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "device"},
-    "vlm_oracle": {"device"},
+    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "device"},
+    "vlm_oracle": {"constrain_objects", "device"},
     "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "device"},
 }
 
@@ -105,7 +107,8 @@ def build_policy(spec: PolicySpec):
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 
-        vlm = VLMPlanner.from_pretrained(spec.vlm, device=device)
+        planner_options = {k: bool(opts.pop(k)) for k in list(opts) if k == "constrain_objects"}
+        vlm = VLMPlanner.from_pretrained(spec.vlm, device=device, **planner_options)
     if spec.kind == "oracle":
         from .oracle_only import OracleOnly
 

@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 
-from .base import Policy, PolicyFailure
+from .base import Policy, PolicyFailure, scene_objects
 
 
 def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
@@ -114,7 +114,7 @@ class VLMDP(ChunkedDP):
         self.planner = planner
 
     def reset_instructions(self, prompt: str) -> None:
-        self.planner.reset(prompt)
+        self.planner.reset(prompt, objects=scene_objects(self.env))
         self.vlm_errors = 0
         self.vlm_tokens = 0
         self.vlm_early_stops = 0

@@ -11,7 +11,7 @@ never a crash, never ``exec``.
 
 from __future__ import annotations
 
-from .base import CodePolicy
+from .base import CodePolicy, scene_objects
 
 
 class VLMOracle(CodePolicy):
@@ -26,7 +26,7 @@ class VLMOracle(CodePolicy):
 
     def reset(self, task: str, prompt: str) -> None:
         super().reset(task, prompt)
-        self.planner.reset(prompt)
+        self.planner.reset(prompt, objects=scene_objects(self.env))
         self.vlm_queries = 0
         self.vlm_tokens = 0
         self.vlm_errors = 0

@@ -19,6 +19,14 @@ is ``template(Task + Memory + <image> [+ request])``; the part before the image 
 task and the memory, so its KV cache is computed once per memory state and reused (cropped back
 to the prefix) at every control step.
 
+Object-constrained decoding (``constrain_objects``, not in the paper): when the caller gives the
+scene's object names, the string argument of ``get_actor('...')`` may only spell one of them;
+at each token the best-scoring token that keeps the line consistent with that rule is taken
+(greedy decoding otherwise untouched). The skill API can only resolve objects of the scene, so
+this restricts decoding to lines the API accepts, as grammar-constrained decoding does. Why: the
+paper's pretrained Phi-3 copies the names of the prompt reliably; the tiny random-init cpu-preset
+model often mixes a colour of one object with the shape of another (measured in the README).
+
 Malformed lines (unparseable, a function outside the skill API, an object not in ``objects``
 when the caller gave the scene's objects) come back with ``PlanStep.error`` set; nothing is ever
 executed here.
@@ -27,6 +35,7 @@ executed here.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -62,10 +71,12 @@ class VLMPlanner:
     """Greedy code generation with a key-step memory (see the module docstring).
 
     ``model``: ``LlavaForConditionalGeneration``; ``processor``: its ``LlavaProcessor``.
+    ``constrain_objects``: object-constrained decoding when ``reset`` is given the scene's objects.
     """
 
     def __init__(self, model, processor, prompt_template: str = PromptFormat.template, early_stop_k: int = 6,
-                 max_new_tokens: int = 96, use_prefix_cache: bool = True, device: str = "cpu"):
+                 max_new_tokens: int = 96, use_prefix_cache: bool = True, device: str = "cpu",
+                 constrain_objects: bool = True):
         self.model = model.to(device).eval()
         self.processor = processor
         self.tok = processor.tokenizer
@@ -73,6 +84,7 @@ class VLMPlanner:
         self.early_stop_k = int(early_stop_k)
         self.max_new_tokens = int(max_new_tokens)
         self.use_prefix_cache = bool(use_prefix_cache)
+        self.constrain_objects = bool(constrain_objects)
         self.device = torch.device(device)
         self._pixel_dtype = next(model.model.vision_tower.parameters()).dtype
         self._parser = None
@@ -101,7 +113,8 @@ class VLMPlanner:
         from lightning_modules.vlm.model import load_vlm
 
         model, processor, meta = load_vlm(path, device=device)
-        kwargs = {k: meta[k] for k in ("prompt_template", "early_stop_k", "max_new_tokens") if k in meta}
+        kwargs = {k: meta[k] for k in ("prompt_template", "early_stop_k", "max_new_tokens", "constrain_objects")
+                  if k in meta}
         kwargs.update(overrides)
         return cls(model, processor, device=device, **kwargs)
 
@@ -112,14 +125,16 @@ class VLMPlanner:
 
         hp = module.hparams
         kwargs = {"prompt_template": hp.prompt_template, **{k: hp.inference_cfg[k] for k in
-                                                            ("early_stop_k", "max_new_tokens")}}
+                                                            ("early_stop_k", "max_new_tokens", "constrain_objects")
+                                                            if k in hp.inference_cfg}}
         kwargs.update(overrides)
         return cls(plain_model(module.model), module.processor, device=device, **kwargs)
 
     # ------------------------------------------------------------------ episode state
     def reset(self, task_prompt: str, objects: list[str] | None = None) -> None:
         """Start an episode: empty memory. ``objects``: the scene's object names, if known, to
-        flag ``get_actor`` calls of other objects."""
+        flag ``get_actor`` calls of other objects (and, with ``constrain_objects``, to decode
+        only those names)."""
         self.task_prompt = str(task_prompt)
         self.objects = list(objects) if objects is not None else None
         self.memory = []
@@ -208,11 +223,42 @@ class VLMPlanner:
             out = self.model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
             cache = out.past_key_values
             self.stats.prefill_tokens += input_ids.shape[1]
+        generated: list[int] = []
         while True:
-            token = int(out.logits[0, -1].argmax())
+            token = self._choose(out.logits[0, -1], generated)
+            generated.append(token)
             yield token
             out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache,
                              use_cache=True)
+
+    _GET_ACTOR = re.compile(r"get_actor\(")
+
+    def _choose(self, logits: torch.Tensor, generated: list[int], candidates: int = 256) -> int:
+        """Greedy choice; with object-constrained decoding, the best token whose text keeps every
+        ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed)."""
+        token = int(logits.argmax())
+        if not (self.constrain_objects and self.objects):
+            return token
+        if self._names_ok(self.tok.decode(generated + [token], skip_special_tokens=True)):
+            return token
+        for t in logits.topk(min(candidates, logits.numel())).indices.tolist():
+            if self._names_ok(self.tok.decode(generated + [t], skip_special_tokens=True)):
+                return int(t)
+        return token  # nothing fits: leave it to the checker to report
+
+    def _names_ok(self, text: str) -> bool:
+        for match in self._GET_ACTOR.finditer(text):
+            rest = text[match.end():]
+            if not rest or rest[0] not in "'\"":
+                continue  # not a string literal (or not yet): unconstrained
+            quote, arg = rest[0], rest[1:]
+            end = arg.find(quote)
+            if end < 0:
+                if not any(name.startswith(arg) for name in self.objects):
+                    return False
+            elif arg[:end] not in self.objects:
+                return False
+        return True
 
     # ------------------------------------------------------------------ checking
     def check(self, line: str) -> str | None:

@@ -16,7 +16,8 @@ from configs import cli_config, to_yaml
 ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPISODES": "episodes",
            "SEED_START": "seed_start", "WORKERS": "workers", "OUT": "out", "MAX_STEPS": "max_steps",
            "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
-           "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device"}
+           "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
+           "CONSTRAIN_OBJECTS": "policy_options.constrain_objects"}
 
 
 def fail(message: str) -> int:

@@ -136,6 +136,46 @@ def test_unknown_object_needs_the_scene_objects(parts):
     assert planner.step(IMAGE).error is None
 
 
+@pytest.mark.parametrize("text, ok", [
+    ("pick(get_actor('", True), ("pick(get_actor('blu", True), ("pick(get_actor('blue cylinder'))", True),
+    ("pick(get_actor('red", False), ("pick(get_actor('blue cube')", False), ("pick(get_actor('blue cylinderx", False),
+    ("place(get_actor('red cube'), get_actor('blue cylinder'))", False),  # an earlier argument counts too
+    ("place(get_actor('blue cylinder'), get_actor(\"gr", True), ("move3d(get_actor(name))", True),
+    ("move3d(pose_dict['target'])", True),
+])
+def test_object_constraint_accepts_only_scene_names(parts, text, ok):
+    planner = VLMPlanner(*parts)
+    planner.reset("p", objects=["blue cylinder", "green cube"])
+    assert planner._names_ok(text) is ok
+
+
+def test_constrained_choice_takes_the_best_valid_token(parts):
+    """Scores favour a token that starts a name not in the scene: the constrained choice takes the
+    best-scoring token that still spells a scene object; unconstrained greedy keeps the argmax."""
+    model, processor = parts
+    tok = processor.tokenizer
+    generated = tok("pick(get_actor('", add_special_tokens=False)["input_ids"]
+    objects = ["blue cylinder"]
+    planner = VLMPlanner(model, processor)
+    planner.reset("p", objects=objects)
+    base = tok.decode(generated)
+
+    def extends(t):
+        return tok.decode(generated + [t])[len(base):]
+
+    vocab = range(len(tok))
+    bad = next(t for t in vocab if extends(t).startswith("red"))
+    good = next(t for t in vocab if extends(t).strip() and "blue cylinder".startswith(extends(t)))
+    logits = torch.zeros(len(tok))
+    logits[bad], logits[good] = 10.0, 5.0
+    assert planner._choose(logits, generated) == good
+    planner.reset("p")  # no scene objects: plain greedy
+    assert planner._choose(logits, generated) == bad
+    free = VLMPlanner(model, processor, constrain_objects=False)
+    free.reset("p", objects=objects)
+    assert free._choose(logits, generated) == bad
+
+
 def test_max_new_tokens_bounds_decoding(parts):
     planner = Scripted(parts, ["move3d(get_actor('red cube'))"], max_new_tokens=3)
     planner.reset("p")
