@@ -48,6 +48,7 @@ class DiffusionPolicy:
             state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
         else:
             raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
+        config = {"image_pool": "avg", **config}  # checkpoints from before the option had average pooling
         model = DiffusionPolicyModel(**config)
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))

@@ -20,7 +20,8 @@ task and the memory, so its KV cache is computed once per memory state and reuse
 to the prefix) at every control step.
 
 Object-constrained decoding (``constrain_objects``, not in the paper): when the caller gives the
-scene's object names, the string argument of ``get_actor('...')`` may only spell one of them;
+scene's object names, the string argument of ``get_actor('...')`` may only spell one of them,
+and one line may not name the same object twice (no skill takes an object twice);
 at each token the best-scoring token that keeps the line consistent with that rule is taken
 (greedy decoding otherwise untouched). The skill API can only resolve objects of the scene, so
 this restricts decoding to lines the API accepts, as grammar-constrained decoding does. Why: the
@@ -247,17 +248,24 @@ class VLMPlanner:
         return token  # nothing fits: leave it to the checker to report
 
     def _names_ok(self, text: str) -> bool:
+        """Every ``get_actor`` string literal in ``text`` (one line) names a scene object, each
+        a different one (no skill takes the same object twice: ``place(a, a)`` is refused by the
+        API), or is an unfinished prefix of such a name."""
+        used: set[str] = set()
         for match in self._GET_ACTOR.finditer(text):
             rest = text[match.end():]
             if not rest or rest[0] not in "'\"":
                 continue  # not a string literal (or not yet): unconstrained
             quote, arg = rest[0], rest[1:]
             end = arg.find(quote)
+            free = [name for name in self.objects if name not in used]
             if end < 0:
-                if not any(name.startswith(arg) for name in self.objects):
+                if not any(name.startswith(arg) for name in free):
                     return False
-            elif arg[:end] not in self.objects:
+            elif arg[:end] not in free:
                 return False
+            else:
+                used.add(arg[:end])
         return True
 
     # ------------------------------------------------------------------ checking

@@ -254,3 +254,17 @@ def test_ddp_spawn_two_cpu_processes(data, tmp_path):
     t.fit(module, datamodule=dm)
     ck = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     assert ck["global_step"] == 3 and "ema" in ck
+
+
+def test_spatial_softmax_finds_the_peak():
+    """The keypoint of a single bright cell is that cell's (x, y) in [-1, 1] (x: columns, y: rows)."""
+    from lightning_modules.networks.resnet import SpatialSoftmax
+
+    pool = SpatialSoftmax(1, keypoints=1)
+    with torch.no_grad():
+        pool.conv.weight.fill_(1.0)
+        pool.conv.bias.zero_()
+    fmap = torch.zeros(2, 1, 5, 5)
+    fmap[0, 0, 0, 4] = 50.0  # top right
+    fmap[1, 0, 2, 0] = 50.0  # middle left
+    torch.testing.assert_close(pool(fmap), torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), atol=1e-3, rtol=0)

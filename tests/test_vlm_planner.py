@@ -140,6 +140,8 @@ def test_unknown_object_needs_the_scene_objects(parts):
     ("pick(get_actor('", True), ("pick(get_actor('blu", True), ("pick(get_actor('blue cylinder'))", True),
     ("pick(get_actor('red", False), ("pick(get_actor('blue cube')", False), ("pick(get_actor('blue cylinderx", False),
     ("place(get_actor('red cube'), get_actor('blue cylinder'))", False),  # an earlier argument counts too
+    ("place(get_actor('blue cylinder'), get_actor('blue", False),  # the same object twice in one line
+    ("place(get_actor('blue cylinder'), get_actor('green cube'))", True),
     ("place(get_actor('blue cylinder'), get_actor(\"gr", True), ("move3d(get_actor(name))", True),
     ("move3d(pose_dict['target'])", True),
 ])

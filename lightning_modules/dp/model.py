@@ -50,7 +50,8 @@ class DiffusionPolicyModel(nn.Module):
     """Noise-prediction network + normaliser + schedules; ``loss`` for training, ``sample`` to act."""
 
     def __init__(self, *, conditioning: str = "code", horizon: int = 16, image_size: int = 64,
-                 crop_ratio: float = 0.875, resnet_width: int = 16, d_model: int = 128, n_heads: int = 4,
+                 crop_ratio: float = 0.875, resnet_width: int = 16, image_pool: str = "spatial_softmax",
+                 d_model: int = 128, n_heads: int = 4,
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10):
@@ -59,7 +60,8 @@ class DiffusionPolicyModel(nn.Module):
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
         self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
-        self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width) for c in CAMERAS})
+        self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool)
+                                      for c in CAMERAS})
         self.proprio = nn.Linear(PROPRIO_DIM, d_model)
         self.suction = nn.Linear(SUCTION_DIM, d_model)
         n_obs = len(CAMERAS) + 2

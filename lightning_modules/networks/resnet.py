@@ -5,6 +5,12 @@ Hand-written because torchvision's only wheel here is a CUDA build that breaks t
 ``resnet18``: 7x7 stem, max-pool, 4 stages of 2 basic blocks; BatchNorm is replaced by
 GroupNorm (groups = channels // 16), which behaves the same in train and eval and with EMA.
 ``width`` scales the channels (64 for the paper, smaller for the CPU preset).
+
+``pool``: how the last feature map becomes one vector. ``spatial_softmax`` (default) is Diffusion
+Policy's (robomimic's): a 1x1 conv to ``keypoints`` maps, a softmax over positions per map, and
+the expected (x, y) of each, i.e. where things are; the paper says only "a standard ResNet-18",
+so we take Diffusion Policy's choice. ``avg`` is torchvision's global average pool, which keeps
+what is in the image but little of where (kept for comparison and older checkpoints).
 """
 
 from __future__ import annotations
@@ -34,11 +40,33 @@ class BasicBlock(nn.Module):
         return torch.relu(y + (x if self.skip is None else self.skip(x)))
 
 
-class ResNet18GN(nn.Module):
-    """Image (B, 3, H, W) float in [0, 1] -> feature (B, out_dim) (global average pool + linear)."""
+class SpatialSoftmax(nn.Module):
+    """Feature map (B, C, h, w) -> keypoints (B, 2 * keypoints): the softmax-weighted mean (x, y)
+    in [-1, 1] of each of ``keypoints`` 1x1-conv maps (temperature 1, as Diffusion Policy)."""
 
-    def __init__(self, out_dim: int = 512, width: int = 64):
+    def __init__(self, channels: int, keypoints: int = 32):
         super().__init__()
+        self.conv = nn.Conv2d(channels, keypoints, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.conv(x)
+        b, k, h, w = maps.shape
+        attn = maps.flatten(2).softmax(-1)  # (B, K, h*w)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
+                                indexing="ij")
+        grid = torch.stack([xs.flatten(), ys.flatten()], -1).to(attn.dtype)  # (h*w, 2)
+        return (attn @ grid).flatten(1)
+
+
+class ResNet18GN(nn.Module):
+    """Image (B, 3, H, W) float in [0, 1] -> feature (B, out_dim) (``pool``, then a linear layer)."""
+
+    POOLS = ("spatial_softmax", "avg")
+
+    def __init__(self, out_dim: int = 512, width: int = 64, pool: str = "spatial_softmax", keypoints: int = 32):
+        super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"unknown image pool {pool!r}; pools: {list(self.POOLS)}")
         w = width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(inplace=True),
                                   nn.MaxPool2d(3, 2, 1))
@@ -48,11 +76,12 @@ class ResNet18GN(nn.Module):
             stages += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(cin, out_dim)
+        self.keypoints = SpatialSoftmax(cin, keypoints) if pool == "spatial_softmax" else None
+        self.head = nn.Linear(2 * keypoints if self.keypoints is not None else cin, out_dim)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
         x = self.stages(self.stem(x))
-        return self.head(x.mean(dim=(2, 3)))
+        return self.head(self.keypoints(x) if self.keypoints is not None else x.mean(dim=(2, 3)))
