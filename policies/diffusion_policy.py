@@ -48,7 +48,8 @@ class DiffusionPolicy:
             state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
         else:
             raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
-        config = {"image_pool": "avg", **config}  # checkpoints from before the option had average pooling
+        if "image_pool" not in config:  # older checkpoints: read the pooling off the weights
+            config["image_pool"] = "spatial_softmax" if any(".keypoints." in k for k in state) else "avg"
         model = DiffusionPolicyModel(**config)
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))
