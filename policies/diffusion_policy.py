@@ -50,6 +50,9 @@ class DiffusionPolicy:
             raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
         if "image_pool" not in config:  # older checkpoints: read the pooling off the weights
             config["image_pool"] = "spatial_softmax" if any(".keypoints." in k for k in state) else "avg"
+        if "obs_skip" not in config:  # ... and whether FiLM sees the observation tokens
+            film_in = state["unet.mid.0.film.1.weight"].shape[1] - state["unet.step_embed.3.weight"].shape[0]
+            config["obs_skip"] = film_in != config.get("n_queries", 1) * state["obs_type"].shape[1]
         model = DiffusionPolicyModel(**config)
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))

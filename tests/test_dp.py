@@ -21,7 +21,8 @@ from policies.diffusion_policy import DiffusionPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["PlaceOnTop", "Push"]
-TINY = dict(horizon=16, image_size=32, crop_ratio=1.0, resnet_width=8, d_model=64, n_heads=2, pool_blocks=1,
+TINY = dict(horizon=16, image_size=32, crop_ratio=1.0, resnet_width=8, image_pool="avg", d_model=64, n_heads=2,
+            pool_blocks=1,
             unet_channels=[32, 64, 128], step_embed_dim=32, text_encoder="minilm")
 
 
@@ -268,3 +269,29 @@ def test_spatial_softmax_finds_the_peak():
     fmap[0, 0, 0, 4] = 50.0  # top right
     fmap[1, 0, 2, 0] = 50.0  # middle left
     torch.testing.assert_close(pool(fmap), torch.tensor([[1.0, -1.0], [-1.0, 0.0]]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("obs_skip", [True, False])
+def test_conditioning_width_and_image_dependence(data, obs_skip):
+    """With obs_skip the observation tokens reach FiLM directly: swapping the camera images of
+    two scenes changes the conditioning vector substantially (without it, only via the pooling)."""
+    torch.manual_seed(0)
+    module, dm = make(data, obs_skip=obs_skip)
+    model = module.model.eval()
+    items = [dm.train_set[0], dm.train_set[len(dm.train_set) - 1]]  # two different scenes
+    batch = torch.utils.data.default_collate(items)
+    assert not torch.equal(batch["base_rgb"][0], batch["base_rgb"][1])
+    swapped = {**batch, **{c: batch[c].flip(0) for c in ("base_rgb", "wrist_rgb")}}
+    with torch.no_grad():
+        cond, cond_swapped = model.condition(batch), model.condition(swapped)
+    assert cond.shape == (2, (1 + 4 * obs_skip) * TINY["d_model"])
+    change = float((cond - cond_swapped).norm() / cond.norm())
+    if obs_skip:
+        assert change > 0.1
+
+
+def test_spatial_softmax_refuses_images_too_small_for_it():
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ValueError, match="image_pool avg"):
+        DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax"})

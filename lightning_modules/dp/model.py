@@ -7,7 +7,13 @@ Observation tokens, each of width ``d_model``:
   its own learned type embedding).
 Attention pooling: ``n_queries`` learned query tokens go through ``pool_blocks`` transformer
 decoder blocks (self-attention among queries, cross-attention to the observation tokens with a
-padding mask), giving the conditioning vector (B, n_queries * d_model).
+padding mask), giving the pooled vector (B, n_queries * d_model). With ``obs_skip`` (default)
+the four observation tokens are also concatenated to it, as Diffusion Policy feeds its
+observation features to FiLM: the conditioning vector is (B, (n_queries + 4) * d_model). Why:
+without it the pooled vector barely depends on the images (measured: swapping the base and wrist
+images of two scenes changed it by 3-4 %, the code tokens outnumber the 4 observation tokens),
+and the cpu-preset DP then acts almost blind; the paper's text fixes only that the language
+tokens are pooled.
 A ConditionalUnet1D predicts the noise of the action chunk (B, horizon, 7) with FiLM from that
 vector and the diffusion timestep. One observation step, no history (paper E.2).
 
@@ -51,7 +57,7 @@ class DiffusionPolicyModel(nn.Module):
 
     def __init__(self, *, conditioning: str = "code", horizon: int = 16, image_size: int = 64,
                  crop_ratio: float = 0.875, resnet_width: int = 16, image_pool: str = "spatial_softmax",
-                 d_model: int = 128, n_heads: int = 4,
+                 obs_skip: bool = True, d_model: int = 128, n_heads: int = 4,
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10):
@@ -59,6 +65,9 @@ class DiffusionPolicyModel(nn.Module):
         self.conditioning = check_conditioning(conditioning)
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
+        if image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
+            raise ValueError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
+                             f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
         self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
         self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool)
                                       for c in CAMERAS})
@@ -72,7 +81,9 @@ class DiffusionPolicyModel(nn.Module):
             self.lang_proj = nn.Linear(self.text.dim, d_model)
             self.lang_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # instruction, cache info
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
-        self.unet = ConditionalUnet1D(ACTION_DIM, n_queries * d_model, channels=tuple(unet_channels),
+        self.obs_skip = bool(obs_skip)
+        cond_dim = (n_queries + (n_obs if self.obs_skip else 0)) * d_model
+        self.unet = ConditionalUnet1D(ACTION_DIM, cond_dim, channels=tuple(unet_channels),
                                       step_embed_dim=step_embed_dim)
         self.ddpm, self.ddim = build_schedulers()
         self.register_buffer("loss_weights", loss_weights(self.ddpm, loss_weighting), persistent=False)
@@ -90,11 +101,12 @@ class DiffusionPolicyModel(nn.Module):
         return x[..., i:i + c, j:j + c]
 
     def condition(self, batch: dict) -> torch.Tensor:
-        """Observation + language tokens -> conditioning vector (B, n_queries * d_model)."""
+        """Observation + language tokens -> conditioning vector (B, cond_dim): the pooled
+        (B, n_queries * d_model), then with ``obs_skip`` the 4 observation tokens (B, 4 * d_model)."""
         obs = [self.cameras[c](self._images(batch[c])) for c in CAMERAS]
         obs += [self.proprio(self.normalizer.normalize_proprio(batch["proprio"].float())),
                 self.suction(batch["suction"].float())]
-        tokens = torch.stack(obs, 1) + self.obs_type
+        tokens = obs_tokens = torch.stack(obs, 1) + self.obs_type
         pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         texts = conditioning_texts(self.conditioning, batch)
         if texts is not None:
@@ -103,7 +115,8 @@ class DiffusionPolicyModel(nn.Module):
                 lang, mask = self.text.encode(strings)
                 tokens = torch.cat([tokens, self.lang_proj(lang) + self.lang_type[kind]], 1)
                 pad = torch.cat([pad, ~mask], 1)
-        return self.pool(tokens, pad)
+        pooled = self.pool(tokens, pad)
+        return torch.cat([pooled, obs_tokens.flatten(1)], 1) if self.obs_skip else pooled
 
     # ---------------------------------------------------------------- diffusion
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
