@@ -74,7 +74,9 @@ def test_split_is_by_episode_and_sampler_balances_tasks(data):
 # ------------------------------------------------------------------ learning
 def test_cpu_policy_overfits_and_uses_the_instruction(data, tmp_path):
     torch.manual_seed(0)
-    module, dm = make(data, loss_weighting="uniform")  # learns fastest in short runs (README)
+    # obs_skip off: the paper's pooled pathway must carry the instruction. (With obs_skip, a model
+    # overfit on 4 episodes tells the step from the observation alone and may ignore the text.)
+    module, dm = make(data, loss_weighting="uniform", obs_skip=False)  # uniform: fastest in short runs
     batch = first_batch(dm, 32)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     norm = module.model.normalizer.normalize_actions
