@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.rollout import RolloutEvaluation
 
-TINY_DP = dict(conditioning="none", horizon=8, image_size=32, resnet_width=8, d_model=32, n_heads=2,
+TINY_DP = dict(conditioning="none", horizon=8, image_size=32, resnet_width=8, image_pool="avg", d_model=32, n_heads=2,
                pool_blocks=1, unet_channels=(16, 32, 64), step_embed_dim=16)
 
 
