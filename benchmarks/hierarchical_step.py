@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--vlm-train-steps", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="24 steps, a 30-step VLM if none is found (< 2 min)")
+    ap.add_argument("--free-decoding", action="store_true", help="VLM without object-constrained decoding")
     args = ap.parse_args()
     import torch
 
@@ -83,7 +84,8 @@ def main() -> None:
         vlm = ensure_vlm(vlm, data, 30 if args.quick else args.vlm_train_steps, tmp)
         dp_path = Path(args.dp) if args.dp else fresh_dp(data, Path(tmp) / "dp.pt")
         flat = FlatDP(DiffusionPolicy.from_checkpoint(dp_path))
-        hier = VLMDP(VLMPlanner.from_pretrained(vlm), DiffusionPolicy.from_checkpoint(dp_path))
+        hier = VLMDP(VLMPlanner.from_pretrained(vlm, constrain_objects=not args.free_decoding),
+                     DiffusionPolicy.from_checkpoint(dp_path))
         results = {"flat DP": time_policy(flat, steps, 64), "VLM+DP": time_policy(hier, steps, 64)}
     print(f"{steps} control steps of PlaceOnTop (seed 100000, 64 px), 1 thread; DP {dp_path if args.dp else 'random-init cpu preset'}, VLM {vlm}")
     print(f"{'policy':<10}{'mean ms/step':>14}{'median':>9}{'max':>9}")
