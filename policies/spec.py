@@ -107,7 +107,8 @@ def build_policy(spec: PolicySpec):
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 
-        planner_options = {k: bool(opts.pop(k)) for k in list(opts) if k == "constrain_objects"}
+        planner_options = {"constrain_objects": bool(opts.pop("constrain_objects"))} \
+            if "constrain_objects" in opts else {}
         vlm = VLMPlanner.from_pretrained(spec.vlm, device=device, **planner_options)
     if spec.kind == "oracle":
         from .oracle_only import OracleOnly
