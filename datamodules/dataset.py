@@ -17,6 +17,10 @@ A sample is a dict::
     prompt               str                 the natural-language task prompt
     key_step             bool
     task, episode, t     str, str, int
+
+With ``load_state=True`` the sample also holds the privileged state keys of
+``lightning_modules.dp.state.state_sample`` (object poses, sizes, names, the episode's
+``pose_dict``): format version 2 files only.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 from torch.utils.data import Dataset
 
 from . import schema
+from lightning_modules.dp.state import state_sample
+
 from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, shifted_labels
 
 
@@ -46,6 +52,9 @@ class _Episode:
     labels: list[str]
     key_t: list[int]  # steps that are key-steps
     key_lines: list[str]
+    objects: list[str] | None = None  # state: object names, sizes (N, 2) and pose_dict
+    sizes: np.ndarray | None = None
+    pose_dict: dict | None = None
 
 
 class OracleStepDataset(Dataset):
@@ -53,11 +62,12 @@ class OracleStepDataset(Dataset):
 
     def __init__(self, files, horizon: int = 16, label_set: str = "oracle", shift_k: int = 0,
                  shift_seed: int = 0, empty_memory_info: str = DEFAULT_EMPTY_MEMORY_INFO,
-                 select: Callable[[str, int], bool] | None = None, load_images: bool = True):
+                 select: Callable[[str, int], bool] | None = None, load_images: bool = True,
+                 load_state: bool = False):
         self.files = [str(f) for f in files]
         self.horizon = int(horizon)
         self.empty_memory_info = empty_memory_info
-        self.load_images = load_images
+        self.load_images, self.load_state = load_images, load_state
         self.episodes: list[_Episode] = []
         for path in self.files:
             with schema.open_index(path) as f:
@@ -75,9 +85,17 @@ class OracleStepDataset(Dataset):
                     if shift_k > 0:
                         labels = shifted_labels(labels, shift_k, np.random.default_rng([shift_seed, seed]))
                     key_t = [t for t, lab in enumerate(labels) if is_key_step(lab)]
-                    self.episodes.append(_Episode(path, name, task, seed, str(ep.attrs["prompt"]),
-                                                  int(ep.attrs["num_steps"]), labels, key_t,
-                                                  [labels[t] for t in key_t]))
+                    episode = _Episode(path, name, task, seed, str(ep.attrs["prompt"]),
+                                       int(ep.attrs["num_steps"]), labels, key_t, [labels[t] for t in key_t])
+                    if load_state:
+                        if "object_pose" not in ep["obs"] or "radius" not in ep["objects"]:
+                            raise schema.SchemaError(
+                                f"{path}:{name} (format version {int(ep.attrs['version'])}) has no object "
+                                f"poses, which the state observation needs: regenerate it with `make data`")
+                        episode.objects = list(ep["objects/name"].asstr()[:])
+                        episode.sizes = np.stack([ep["objects/height"][:], ep["objects/radius"][:]], 1)
+                        episode.pose_dict = schema.read_pose_dict(ep[group])
+                    self.episodes.append(episode)
         self._offsets = np.cumsum([0] + [e.length for e in self.episodes])
         self._handles: dict[str, object] = {}
         self._groups: dict[tuple[str, str], object] = {}
@@ -131,6 +149,8 @@ class OracleStepDataset(Dataset):
             "episode": ep.name,
             "t": t,
         }
+        if self.load_state:
+            sample.update(state_sample(ep.objects, ep.sizes, g["obs/object_pose"][t], ep.pose_dict))
         if self.load_images:
             for k in schema.RGB_KEYS:
                 sample[k] = torch.from_numpy(g[f"obs/{k}"][t]).permute(2, 0, 1).contiguous()

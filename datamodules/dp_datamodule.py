@@ -5,6 +5,7 @@
 - A task-balancing sampler draws every task equally often, whatever its episode lengths
   (Lightning wraps it for DDP).
 - Workers open the HDF5 files lazily (see ``OracleStepDataset``).
+- ``observation: state`` reads object poses instead of images (``lightning_modules/dp/state.py``).
 - The label set follows the conditioning mode (``vlm`` reads ``labels/vlm``; ``code_shifted``
   shifts subtask boundaries by up to ``shift_k`` steps, seeded per episode).
 
@@ -49,12 +50,13 @@ def task_balanced_weights(dataset: OracleStepDataset) -> torch.Tensor:
 class DiffusionPolicyDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, tasks: list[str], *, label_set: str = "oracle", shift_k: int = 0,
                  horizon: int = 16, batch_size: int = 64, num_workers: int = 2, val_fraction: float = 0.1,
-                 balance_tasks: bool = True, seed: int = 0):
+                 balance_tasks: bool = True, seed: int = 0, observation: str = "rgb"):
         super().__init__()
         self.files = dataset_files(Path(data_dir), list(tasks))
         self.label_set, self.shift_k, self.horizon = label_set, shift_k, horizon
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.balance_tasks, self.seed = val_fraction, balance_tasks, seed
+        self.observation = observation  # rgb: camera images; state: object poses (no images read)
         self.train_set = self.val_set = None
 
     def stats(self) -> dict:
@@ -66,7 +68,8 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
             return
         held = split_episodes(self.files, self.val_fraction)
         common = dict(horizon=self.horizon, label_set=self.label_set, shift_k=self.shift_k,
-                      shift_seed=self.seed)
+                      shift_seed=self.seed, load_images=self.observation == "rgb",
+                      load_state=self.observation == "state")
         self.train_set = OracleStepDataset(self.files, select=lambda task, s: s not in held[task], **common)
         self.val_set = OracleStepDataset(self.files, select=lambda task, s: s in held[task], **common)
         if len(self.train_set) == 0:
@@ -80,6 +83,7 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
             out.add(ep.prompt)
             out.update(extract_memory_info(ep.key_lines[:i], self.train_set.empty_memory_info)
                        for i in range(len(ep.key_lines) + 1))
+            out.update(ep.objects or ())
         return out
 
     def _loader(self, dataset, sampler=None, shuffle=False) -> DataLoader:

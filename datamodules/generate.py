@@ -58,7 +58,7 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     stacked = {k: np.stack([f[k] for f in frames]) for k in frames[0]}
     labels = step_labels([s.line for s in ep.steps], [s.key_step for s in ep.steps])
     schema.write_episode(folder / f"{name}.h5", ep, stacked, labels, [s.key_step for s in ep.steps],
-                         np.array(ep.successes), [env.specs[n] for n in ep.objects])
+                         np.array(ep.successes), [env.specs[n] for n in ep.objects], ep.pose_dict)
     return task, seed, True, "", len(ep)
 
 

@@ -18,9 +18,10 @@ import h5py
 import numpy as np
 
 FORMAT = "code2action-oracle"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks obs/object_pose, objects/radius and labels/*/pose_*
 RGB_KEYS = ("base_rgb", "wrist_rgb")
-LOW_DIM_KEYS = ("qpos", "qvel", "tcp_pose", "suction", "bboxes")
+LOW_DIM_KEYS = ("qpos", "qvel", "tcp_pose", "suction", "bboxes", "object_pose")
 STR = h5py.string_dtype("utf-8")
 
 
@@ -33,11 +34,13 @@ def episode_name(seed: int) -> str:
 
 
 def write_episode(path: Path, episode, observations: dict[str, np.ndarray], labels: list[str],
-                  key_steps: list[bool], success_per_step: np.ndarray, objects) -> None:
+                  key_steps: list[bool], success_per_step: np.ndarray, objects,
+                  pose_dict: dict | None = None) -> None:
     """Atomically write one episode file (``path`` appears complete or not at all).
 
     ``observations``: stacked arrays (T, ...) as in ``envs.tabletop.observation_arrays``;
-    ``labels``: per-step code (key-step plain, later steps commented); ``objects``: specs.
+    ``labels``: per-step code (key-step plain, later steps commented); ``objects``: specs;
+    ``pose_dict``: key -> position (3,) the oracle stored (``labels/oracle/pose_keys|pose_values``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -59,15 +62,33 @@ def write_episode(path: Path, episode, observations: dict[str, np.ndarray], labe
             lab = g.create_group("labels/oracle")
             lab.create_dataset("code", data=np.array(labels, dtype=object), dtype=STR)
             lab.create_dataset("key_step", data=np.asarray(key_steps, dtype=bool))
+            write_pose_dict(lab, pose_dict or {})
             o = g.create_group("objects")
             o.create_dataset("name", data=np.array([s.name for s in objects], dtype=object), dtype=STR)
             o.create_dataset("shape", data=np.array([s.shape for s in objects], dtype=object), dtype=STR)
             o.create_dataset("colour", data=np.array([s.colour for s in objects], dtype=object), dtype=STR)
             o.create_dataset("height", data=np.array([s.height for s in objects], dtype=np.float32))
+            o.create_dataset("radius", data=np.array([s.radius for s in objects], dtype=np.float32))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_pose_dict(group, pose_dict: dict) -> None:
+    """Store ``pose_dict`` (key -> position (3,)) in a label group as ``pose_keys`` (K,) str and
+    ``pose_values`` (K, 3) float32: the positions the code's ``pose_dict['key']`` reads refer to."""
+    keys = sorted(pose_dict)
+    group.create_dataset("pose_keys", data=np.array(keys, dtype=object), dtype=STR)
+    group.create_dataset("pose_values", data=np.array([pose_dict[k] for k in keys], dtype=np.float32).reshape(-1, 3))
+
+
+def read_pose_dict(group) -> dict[str, tuple[float, float, float]]:
+    """The ``pose_dict`` of a label group (empty for version-1 files, which did not record it)."""
+    if "pose_keys" not in group:
+        return {}
+    return {k: tuple(float(v) for v in vals)
+            for k, vals in zip(group["pose_keys"].asstr()[:], group["pose_values"][:])}
 
 
 def write_index(index_path: Path, task: str, seeds: list[int]) -> None:
@@ -104,9 +125,9 @@ def open_index(path: str | Path) -> h5py.File:
     if fmt != FORMAT:
         f.close()
         raise SchemaError(f"{path}: not a {FORMAT} file (format attribute {fmt!r})")
-    if version is None or int(version) != VERSION:
+    if version is None or int(version) not in READABLE_VERSIONS:
         f.close()
-        raise SchemaError(f"{path}: format version {version}, this code reads version {VERSION}")
+        raise SchemaError(f"{path}: format version {version}, this code reads versions {READABLE_VERSIONS}")
     if "episodes" not in f:
         f.close()
         raise SchemaError(f"{path}: has no 'episodes' group")

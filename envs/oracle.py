@@ -34,6 +34,7 @@ class Episode:
     observations: list[dict] = field(default_factory=list)  # obs *before* each action
     successes: list[bool] = field(default_factory=list)  # task solved *after* each action
     failure: str = ""
+    pose_dict: dict = field(default_factory=dict)  # key -> stored position (3,), at the episode's end
 
     @property
     def key_lines(self) -> list[str]:
@@ -117,6 +118,7 @@ def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int 
                 break
     except CodeError as e:
         ep.failure = f"code error: {e}"
+    ep.pose_dict = {k: tuple(float(v) for v in pose.p) for k, pose in executor.api.pose_dict.items()}
     ep.success = bool(base.evaluate_success()) and not ep.failure.startswith("code error")
     if not ep.success and not ep.failure:
         ep.failure = "task not solved"

@@ -188,6 +188,7 @@ class TabletopEnv(BaseEnv):
             tcp_pose=self.agent.tcp.pose.raw_pose,
             suction=torch.as_tensor(self.suction.state())[None],
             bboxes=torch.as_tensor(self.object_bboxes(), dtype=torch.float32)[None],
+            object_pose=torch.as_tensor(self.object_poses(), dtype=torch.float32)[None],
         )
 
     def compute_dense_reward(self, obs, action, info):
@@ -199,6 +200,11 @@ class TabletopEnv(BaseEnv):
     # ---------------------------------------------------------------- scene queries
     def object_pose(self, name: str) -> sapien.Pose:
         return self.actors[name].pose.sp
+
+    def object_poses(self) -> np.ndarray:
+        """(N, 7) float: world pose of each object (layout order): position (m), quaternion wxyz."""
+        return np.array([np.concatenate([p.p, p.q]) for p in
+                         (self.object_pose(s.name) for s in self.layout.objects)]).reshape(-1, 7)
 
     def object_bboxes(self) -> np.ndarray:
         """(N, 4) float: pixel box [x0, y0, x1, y1] of each object (layout order) in the base
@@ -226,6 +232,8 @@ def observation_arrays(obs: dict) -> dict[str, np.ndarray]:
         tcp_pose  (7,) float32      cup-lip pose in the world: position (m), quaternion wxyz
         suction   (2,) float32      [suction on, object attached]
         bboxes    (N, 4) float32    per object (layout order): [x0, y0, x1, y1] pixels in base_rgb
+        object_pose (N, 7) float32  per object (layout order): world position (m), quaternion wxyz
+                                    (privileged state: the ``state`` observation of the DP)
     """
     out = {
         "qpos": obs["agent"]["qpos"][0, :7],
@@ -233,6 +241,7 @@ def observation_arrays(obs: dict) -> dict[str, np.ndarray]:
         "tcp_pose": obs["extra"]["tcp_pose"][0],
         "suction": obs["extra"]["suction"][0],
         "bboxes": obs["extra"]["bboxes"][0],
+        "object_pose": obs["extra"]["object_pose"][0],
     }
     out = {k: np.asarray(v.cpu().numpy() if torch.is_tensor(v) else v, dtype=np.float32) for k, v in out.items()}
     sensors = obs.get("sensor_data", {})

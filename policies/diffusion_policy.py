@@ -15,6 +15,7 @@ import torch
 
 from lightning_modules.dp.model import DiffusionPolicyModel
 from lightning_modules.dp.module import POLICY_FORMAT
+from lightning_modules.dp.state import state_sample
 
 
 class DiffusionPolicy:
@@ -32,6 +33,11 @@ class DiffusionPolicy:
     @property
     def conditioning(self) -> str:
         return self.model.conditioning
+
+    @property
+    def observation(self) -> str:
+        """``rgb`` (cameras) or ``state`` (object poses: ``predict_action_chunk`` needs ``scene``)."""
+        return self.model.observation
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **overrides) -> "DiffusionPolicy":
@@ -63,20 +69,33 @@ class DiffusionPolicy:
         """New episode: restart the sampling noise stream (rollouts are reproducible per seed)."""
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def batch(self, observation: dict, instruction: str, cache_info: str) -> dict:
-        """One observation (``envs.tabletop.observation_arrays``) as a batch of one."""
+    def batch(self, observation: dict, instruction: str, cache_info: str, scene: dict | None = None) -> dict:
+        """One observation (``envs.tabletop.observation_arrays``) as a batch of one.
+
+        ``scene`` (state observation only): ``names`` (N,) and ``sizes`` (N, 2) height/radius of
+        the objects in the order of ``observation["object_pose"]``, and ``pose_dict`` (key -> (3,)).
+        """
         def rgb(x):
             return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].to(self.device)
 
         proprio = np.concatenate([observation["qpos"], observation["qvel"], observation["tcp_pose"]])
-        return {"base_rgb": rgb(observation["base_rgb"]), "wrist_rgb": rgb(observation["wrist_rgb"]),
-                "proprio": torch.as_tensor(proprio, dtype=torch.float32)[None].to(self.device),
-                "suction": torch.as_tensor(observation["suction"], dtype=torch.float32)[None].to(self.device),
-                # ``task`` conditioning reads the prompt; the code modes read instruction + cache.
-                "instruction": [instruction], "cache_info": [cache_info], "prompt": [instruction]}
+        batch = {"proprio": torch.as_tensor(proprio, dtype=torch.float32)[None].to(self.device),
+                 "suction": torch.as_tensor(observation["suction"], dtype=torch.float32)[None].to(self.device),
+                 # ``task`` conditioning reads the prompt; the code modes read instruction + cache.
+                 "instruction": [instruction], "cache_info": [cache_info], "prompt": [instruction]}
+        if self.observation == "state":
+            if scene is None:
+                raise ValueError("a state-observation diffusion policy needs the scene's objects (scene=...)")
+            sample = state_sample(scene["names"], scene["sizes"], observation["object_pose"], scene["pose_dict"])
+            batch.update({k: [v] if isinstance(v, str) else v[None].to(self.device) for k, v in sample.items()})
+        else:
+            batch.update(base_rgb=rgb(observation["base_rgb"]), wrist_rgb=rgb(observation["wrist_rgb"]))
+        return batch
 
     @torch.no_grad()
-    def predict_action_chunk(self, observation: dict, instruction: str = "", cache_info: str = "") -> np.ndarray:
-        """(horizon, 7) float32 actions; for ``task`` conditioning pass the prompt as instruction."""
-        chunk = self.model.sample(self.batch(observation, instruction, cache_info), generator=self.generator)
+    def predict_action_chunk(self, observation: dict, instruction: str = "", cache_info: str = "",
+                             scene: dict | None = None) -> np.ndarray:
+        """(horizon, 7) float32 actions; for ``task`` conditioning pass the prompt as instruction.
+        ``scene``: see :meth:`batch` (state observation only)."""
+        chunk = self.model.sample(self.batch(observation, instruction, cache_info, scene), generator=self.generator)
         return chunk[0].cpu().numpy().astype(np.float32)

@@ -104,6 +104,9 @@ class DPOracle(ChunkedDP):
         self.memory: list[str] = []
         self.current = ""
 
+    def pose_dict(self) -> dict:
+        return self.tracker.executor.api.pose_dict
+
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = extract_memory_info(self.memory)  # M_t: key-step lines before t
         line, key_step = self.tracker.step()

@@ -21,7 +21,9 @@ from collections import deque
 
 import numpy as np
 
-from .base import Policy, PolicyFailure, scene_objects
+from envs.skills import CodeError, Interpreter, SkillAPI
+
+from .base import Policy, PolicyFailure, code_failure, scene_objects
 
 
 def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
@@ -64,6 +66,23 @@ class ChunkedDP(Policy):
         """(instruction c_t, whether it starts a new subtask, cache info of M_t) for this step."""
         raise NotImplementedError
 
+    def pose_dict(self) -> dict:
+        """key -> stored position (3,) that the instruction's ``pose_dict`` reads refer to
+        (read by a state-observation DP; none by default)."""
+        return {}
+
+    @property
+    def uses_state(self) -> bool:
+        return getattr(self.dp, "observation", "rgb") == "state"
+
+    def _scene(self) -> dict:
+        """``scene`` of a state-observation DP: the attached env's objects and the pose_dict."""
+        if self.env is None:
+            raise RuntimeError("a state-observation DP reads the scene: call attach(env) before reset")
+        specs = [self.env.specs[o.name] for o in self.env.layout.objects]
+        return {"names": [s.name for s in specs], "sizes": [(s.height, s.radius) for s in specs],
+                "pose_dict": {k: tuple(v.p) if hasattr(v, "p") else tuple(v) for k, v in self.pose_dict().items()}}
+
     def reset(self, task: str, prompt: str) -> None:
         super().reset(task, prompt)
         self.reset_instructions(prompt)
@@ -84,7 +103,8 @@ class ChunkedDP(Policy):
                 self.dropped_actions += len(self.queue)
                 self.queue.clear()
         if not self.queue:
-            chunk = self.dp.predict_action_chunk(observation, instruction, cache_info)
+            scene = {"scene": self._scene()} if self.uses_state else {}
+            chunk = self.dp.predict_action_chunk(observation, instruction, cache_info, **scene)
             self.queue.extend(self._checked(chunk)[: self.n_action_steps])
             self.chunks += 1
         return self.queue.popleft()
@@ -118,6 +138,8 @@ class VLMDP(ChunkedDP):
         self.vlm_errors = 0
         self.vlm_tokens = 0
         self.vlm_early_stops = 0
+        # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
+        self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = self.planner.cache_info  # read before the query: ExtractMemoryInfo(M_t)
@@ -125,7 +147,15 @@ class VLMDP(ChunkedDP):
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
+        if self.interpreter is not None and step.new_key_step and step.line.lstrip().startswith("pose_dict"):
+            try:
+                self.interpreter.execute(step.line)  # stores the pose; its one-step hold is not run
+            except CodeError as e:
+                raise code_failure(e, step.line) from None
         return step.line, bool(step.new_key_step), cache_info
+
+    def pose_dict(self) -> dict:
+        return self.interpreter.api.pose_dict if self.interpreter is not None else {}
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),

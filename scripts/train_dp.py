@@ -27,7 +27,7 @@ def build(cfg):
     datamodule = DiffusionPolicyDataModule(
         cfg.data_dir, envs.resolve_tasks(cfg.tasks), label_set=label_set,
         shift_k=cfg.shift_k if cfg.conditioning == "code_shifted" else 0, horizon=cfg.model.horizon,
-        seed=cfg.seed, **OmegaConf.to_container(cfg.data))
+        seed=cfg.seed, observation=cfg.model.observation, **OmegaConf.to_container(cfg.data))
     module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning},
                                    optim=OmegaConf.to_container(cfg.optim), ema=OmegaConf.to_container(cfg.ema),
                                    n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches)

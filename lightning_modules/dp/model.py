@@ -17,9 +17,15 @@ tokens are pooled.
 A ConditionalUnet1D predicts the noise of the action chunk (B, horizon, 7) with FiLM from that
 vector and the diffusion timestep. One observation step, no history (paper E.2).
 
-Batch keys: ``base_rgb``, ``wrist_rgb`` (B, 3, H, W) uint8; ``proprio`` (B, 21); ``suction``
-(B, 2); for training ``actions`` (B, horizon, 7); and the strings the conditioning mode reads
-(``instruction``, ``cache_info`` or ``prompt``; see ``processor.conditioning_texts``).
+With ``observation: state`` (not the paper's setting; see ``state.py``) the two camera tokens
+are replaced by object-centric tokens (name embedding, pose, size, mention role) and tokens for
+the positions that the instruction's ``pose_dict`` reads refer to; FiLM then sees proprio,
+suction, the objects named first and second, and the two targets.
+
+Batch keys: ``base_rgb``, ``wrist_rgb`` (B, 3, H, W) uint8 (``rgb``) or the state keys of
+``state.state_sample`` (``state``); ``proprio`` (B, 21); ``suction`` (B, 2); for training
+``actions`` (B, horizon, 7); and the strings the conditioning mode reads (``instruction``,
+``cache_info`` or ``prompt``; see ``processor.conditioning_texts``).
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ from torch import nn
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
+from .state import N_SKIP, StateTokens
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
+OBSERVATIONS = ("rgb", "state")
+TCP_POSITION = slice(14, 17)  # in proprio: qpos (7), qvel (7), tcp_pose (7)
 PROPRIO_DIM, SUCTION_DIM, ACTION_DIM = 21, 2, 7
 
 
@@ -55,7 +64,7 @@ class AttentionPooling(nn.Module):
 class DiffusionPolicyModel(nn.Module):
     """Noise-prediction network + normaliser + schedules; ``loss`` for training, ``sample`` to act."""
 
-    def __init__(self, *, conditioning: str = "code", horizon: int = 16, image_size: int = 64,
+    def __init__(self, *, conditioning: str = "code", observation: str = "rgb", horizon: int = 16, image_size: int = 64,
                  crop_ratio: float = 0.875, resnet_width: int = 16, image_pool: str = "spatial_softmax",
                  obs_skip: bool = True, d_model: int = 128, n_heads: int = 4,
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
@@ -63,26 +72,33 @@ class DiffusionPolicyModel(nn.Module):
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
+        if observation not in OBSERVATIONS:
+            raise ValueError(f"unknown observation {observation!r}; use one of {list(OBSERVATIONS)}")
+        self.observation = observation
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
         if image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
             raise ValueError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
                              f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
         self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
+        cameras = CAMERAS if observation == "rgb" else ()
         self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool)
-                                      for c in CAMERAS})
+                                      for c in cameras})
         self.proprio = nn.Linear(PROPRIO_DIM, d_model)
         self.suction = nn.Linear(SUCTION_DIM, d_model)
-        n_obs = len(CAMERAS) + 2
+        n_obs = len(cameras) + 2
         self.obs_type = nn.Parameter(torch.randn(n_obs, d_model) * 0.02)
         self.text = None
-        if conditioning != "none":
+        if conditioning != "none" or observation == "state":  # state: object names are embedded too
             self.text = FrozenTextEncoder(text_encoder, text_encoder_name, text_max_length)
+        if conditioning != "none":
             self.lang_proj = nn.Linear(self.text.dim, d_model)
             self.lang_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # instruction, cache info
+        self.state = StateTokens(d_model, self.text.dim) if observation == "state" else None
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
-        cond_dim = (n_queries + (n_obs if self.obs_skip else 0)) * d_model
+        n_skip = n_obs + (N_SKIP if self.state is not None else 0)
+        cond_dim = (n_queries + (n_skip if self.obs_skip else 0)) * d_model
         self.unet = ConditionalUnet1D(ACTION_DIM, cond_dim, channels=tuple(unet_channels),
                                       step_embed_dim=step_embed_dim)
         self.ddpm, self.ddim = build_schedulers()
@@ -102,21 +118,28 @@ class DiffusionPolicyModel(nn.Module):
 
     def condition(self, batch: dict) -> torch.Tensor:
         """Observation + language tokens -> conditioning vector (B, cond_dim): the pooled
-        (B, n_queries * d_model), then with ``obs_skip`` the 4 observation tokens (B, 4 * d_model)."""
-        obs = [self.cameras[c](self._images(batch[c])) for c in CAMERAS]
-        obs += [self.proprio(self.normalizer.normalize_proprio(batch["proprio"].float())),
-                self.suction(batch["suction"].float())]
-        tokens = obs_tokens = torch.stack(obs, 1) + self.obs_type
+        (B, n_queries * d_model), then with ``obs_skip`` the observation tokens: 4 (rgb: cameras,
+        proprio, suction) or 2 + ``N_SKIP`` (state: proprio, suction, roles 1-2, targets 1-2)."""
+        obs = [self.cameras[c](self._images(batch[c])) for c in self.cameras]
+        proprio = batch["proprio"].float()
+        obs += [self.proprio(self.normalizer.normalize_proprio(proprio)), self.suction(batch["suction"].float())]
+        tokens = skip = torch.stack(obs, 1) + self.obs_type
         pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         texts = conditioning_texts(self.conditioning, batch)
-        if texts is not None:
+        if self.text is not None:
             self.text.to(tokens.device)
+        if self.state is not None:
+            state, state_pad, state_skip = self.state(batch, None if texts is None else texts[0],
+                                                      proprio[:, TCP_POSITION], self.text)
+            tokens, pad = torch.cat([tokens, state], 1), torch.cat([pad, state_pad], 1)
+            skip = torch.cat([skip, state_skip], 1)
+        if texts is not None:
             for kind, strings in enumerate(texts):
                 lang, mask = self.text.encode(strings)
                 tokens = torch.cat([tokens, self.lang_proj(lang) + self.lang_type[kind]], 1)
                 pad = torch.cat([pad, ~mask], 1)
         pooled = self.pool(tokens, pad)
-        return torch.cat([pooled, obs_tokens.flatten(1)], 1) if self.obs_skip else pooled
+        return torch.cat([pooled, skip.flatten(1)], 1) if self.obs_skip else pooled
 
     # ---------------------------------------------------------------- diffusion
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
