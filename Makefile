@@ -86,13 +86,16 @@ relabel-dp: install runtime-dir ## store VLM instructions as labels/vlm in the D
 tensorboard: install ## TensorBoard on outputs/ (localhost, TB_PORT=6006)
 	$(PY) -m tensorboard.main --logdir outputs --port $(TB_PORT)
 
-bench: install runtime-dir ## run every benchmarks/*.py with --quick
-	@shopt -s nullglob; files=(benchmarks/[!_]*.py); failed=(); \
+bench: install runtime-dir ## run every benchmarks/*.py with --quick (fails on an error or a missing headline line)
+	@set -o pipefail; shopt -s nullglob; files=(benchmarks/[!_]*.py); failed=(); \
 	if [ $${#files[@]} -eq 0 ]; then echo "bench: no benchmarks/*.py"; exit 0; fi; \
+	log=$$(mktemp); \
 	for f in "$${files[@]}"; do \
 	    echo "== $(PY) $$f --quick"; \
-	    $(PY) "$$f" --quick || failed+=("$$f"); \
-	done; \
+	    if ! $(PY) "$$f" --quick 2>&1 | tee "$$log"; then failed+=("$$f"); \
+	    elif ! tail -n 1 "$$log" | grep -Eq '^[a-z0-9_]+=[-+0-9.eEinfa]+$$'; then \
+	        echo "bench: $$f printed no headline name=value line" >&2; failed+=("$$f"); fi; \
+	done; rm -f "$$log"; \
 	if [ $${#failed[@]} -ne 0 ]; then echo "bench: failed: $${failed[*]}" >&2; exit 1; fi
 
 clean: ## remove caches and build files (keeps data/, outputs/ and .venv)

@@ -5,8 +5,9 @@ Usage: demo.py [TASKS=...] [EPISODES=...] [OUT=...] [key=value ...]   (config: c
 1. oracle preview: one episode per task as a PNG grid and captioned MP4s     (<out>/oracle/)
 2. oracle data    : scripts/generate_data.py                                  (<out>/data/)
 3. code VLM       : scripts/train_vlm.py, cpu preset                          (<out>/vlm/)
-4. diffusion pol. : scripts/train_dp.py, cpu preset, code conditioning, with
-                    rollout success curves in TensorBoard                     (<out>/dp/)
+4. diffusion pol. : scripts/train_dp.py, cpu preset (state observation), code
+                    conditioning, with rollout success curves in TensorBoard  (<out>/dp/)
+   3 and 4 run side by side, one core each (logs in <out>/logs/)
 5. evaluation     : scripts/evaluate.py, VLM+DP and VLM+Oracle               (<out>/eval/)
 
 A stage whose result exists is skipped (runs are resumed with RESUME=auto), so an interrupted
@@ -53,15 +54,42 @@ def oracle_preview(cfg, tasks: list[str], out: Path) -> int:
     return failures
 
 
+def _command(script: str, args) -> tuple[list[str], dict]:
+    # One intra-op thread per process: the cpu-preset models gain little from more, and
+    # oversubscribed OpenMP threads on a busy 2-core machine made training steps 10-100x slower
+    # (measured).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return [sys.executable, str(ROOT / "scripts" / script), *args], env
+
+
 def stage(name: str, script: str, *args: str) -> None:
     print(f"\n=== {name}: {script} {' '.join(args)}", flush=True)
     t0 = time.time()
-    # One intra-op thread per process: the cpu-preset models gain little from more, data loaders and
-    # evaluation workers use the other cores, and oversubscribed OpenMP threads on a busy 2-core
-    # machine made training steps 10-100x slower (measured).
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], check=True, cwd=ROOT, env=env)
+    cmd, env = _command(script, args)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     print(f"=== {name}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def parallel_stages(stages: list[tuple[str, str, list[str]]], logs: Path) -> None:
+    """Run independent stages side by side (one core each), their output in ``logs/<script>.log``;
+    raises CalledProcessError for the first that fails (after all have ended)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    running = []
+    t0 = time.time()
+    for name, script, args in stages:
+        cmd, env = _command(script, args)
+        log = logs / f"{Path(script).stem}.log"
+        print(f"\n=== {name} (in parallel, log {log}): {script} {' '.join(args)}", flush=True)
+        running.append((name, cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
+                                                    stderr=subprocess.STDOUT)))
+    failed = None
+    for name, cmd, proc in running:
+        rc = proc.wait()
+        print(f"=== {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} after {time.time() - t0:.0f} s", flush=True)
+        if rc != 0 and failed is None:
+            failed = subprocess.CalledProcessError(rc, cmd)
+    if failed is not None:
+        raise failed
 
 
 def main(argv: list[str]) -> int:
@@ -78,14 +106,19 @@ def main(argv: list[str]) -> int:
     try:
         stage("oracle data", "generate_data.py", f"OUT={data}", f"TASKS={','.join(tasks)}",
               f"EPISODES={cfg.episodes}", f"WORKERS={cfg.workers}", size)
+        training = []  # the VLM and the DP are independent: trained side by side, one core each
         if not (vlm / "export").exists():
-            stage("code VLM", "train_vlm.py", f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={vlm}",
-                  "RESUME=auto", f"STEPS={cfg.vlm_steps}", "trainer.enable_progress_bar=false")
+            training.append(("code VLM", "train_vlm.py", [
+                f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={vlm}", "RESUME=auto", f"STEPS={cfg.vlm_steps}",
+                "trainer.enable_progress_bar=false"]))
         if not (dp / "policy.pt").exists():
-            stage("diffusion policy", "train_dp.py", f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={dp}",
-                  "RESUME=auto", f"trainer.max_steps={cfg.dp_steps}", f"model.image_size={cfg.env.image_size}",
-                  f"rollout.every_n_val_epochs={cfg.rollout_every}", "rollout.episodes=2",
-                  "trainer.enable_progress_bar=false")
+            training.append(("diffusion policy", "train_dp.py", [
+                f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={dp}", "RESUME=auto",
+                f"trainer.max_steps={cfg.dp_steps}", f"trainer.val_check_interval={cfg.dp_val_every}",
+                f"model.image_size={cfg.env.image_size}", f"rollout.every_n_val_epochs={cfg.rollout_every}",
+                f"rollout.episodes={cfg.rollout_episodes}", "data.num_workers=0", "trainer.enable_progress_bar=false"]))
+        if training:
+            parallel_stages(training, out / "logs")
         for policy in ("vlm_dp", "vlm_oracle"):
             stage(f"evaluate {policy}", "evaluate.py", f"POLICY={policy}", f"DP={dp / 'policy.pt'}",
                   f"VLM={vlm / 'export'}", f"TASKS={','.join(tasks)}", f"EPISODES={cfg.eval_episodes}",

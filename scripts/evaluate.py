@@ -2,6 +2,8 @@
 
 Usage: evaluate.py POLICY=vlm_dp DP=<ckpt> VLM=<dir> [TASKS=L0+L1] [EPISODES=64] [WORKERS=1] [OUT=...]
        [key=value ...]                                                      (config: configs/eval.yaml)
+The cameras render at the checkpoint's image size (the DP's, else the VLM's) unless
+env.image_size=... is given.
 
 Writes <out>/results.md (markdown table), <out>/results.csv (per task), <out>/episodes.csv (per
 episode), <out>/videos/*.mp4 and TensorBoard scalars eval/success/<task>, eval/success/mean, the
@@ -37,6 +39,17 @@ def policy_spec(cfg):
     return PolicySpec(kind, dp=cfg.dp, vlm=cfg.vlm, options=options)
 
 
+def checkpoint_image_size(policy) -> int | None:
+    """The camera size a policy was trained at: its DP's ``model.image_size``, else its VLM's."""
+    dp = getattr(policy, "dp", None)
+    if dp is not None:
+        return int(dp.model.image_size)
+    planner = getattr(policy, "planner", None)
+    size = getattr(getattr(planner, "model", None), "config", None)
+    size = getattr(getattr(size, "vision_config", None), "image_size", None)
+    return int(size) if size else None
+
+
 def main(argv: list[str]) -> int:
     cfg = cli_config("eval", argv, ALIASES)
     from policies.spec import PolicySpecError, build_policy
@@ -57,6 +70,8 @@ def main(argv: list[str]) -> int:
         return fail(f"cannot load policy {spec.kind}: {type(e).__name__}: {e}")
     from policies.evaluator import evaluate
 
+    if not any(a.startswith("env.image_size=") for a in argv):  # the checkpoint's own camera size
+        cfg.env.image_size = checkpoint_image_size(policy) or cfg.env.image_size
     print(to_yaml(cfg))
     workers = int(cfg.workers)
     if workers > 0:
