@@ -9,8 +9,11 @@ A sample is a dict::
     base_rgb, wrist_rgb  (3, H, W) uint8     cameras at step t
     proprio              (21,) float32       qpos (7), qvel (7), tcp_pose (7)
     suction              (2,) float32        suction on, object attached
-    actions              (horizon, 7) float32  actions t .. t+horizon-1, the last one repeated
-    action_mask          (horizon,) bool     False on the padded (repeated) entries
+    actions              (horizon, 7) float32  actions t .. t+horizon-1; past the episode's end the
+                                             last one repeated; with ``chunk_end="line"``, past
+                                             the running line's end (the next key-step) a hold
+                                             (no motion, the line's last suction command)
+    action_mask          (horizon,) bool     False on the padded entries
     instruction          str                 the step's code label (key-step or commented)
     cache_info           str                 ExtractMemoryInfo of the memory
     memory               str                 key-step lines before t, newline-joined
@@ -57,17 +60,30 @@ class _Episode:
     pose_dict: dict | None = None
 
 
+CHUNK_ENDS = ("episode", "line")
+
+
 class OracleStepDataset(Dataset):
-    """Steps of the episodes in ``files`` (task index files, ``<Task>.h5``)."""
+    """Steps of the episodes in ``files`` (task index files, ``<Task>.h5``).
+
+    ``chunk_end``: ``episode`` (Diffusion Policy's chunks: the recorded actions up to the episode's
+    end) or ``line`` (not in the paper: a chunk stops at the end of its code line and holds still
+    after it, so a code-conditioned DP is never trained on actions that the *next* line asks for
+    and that its own line does not tell; the policy holds until the planner moves on, and the new
+    key-step regenerates the chunk).
+    """
 
     def __init__(self, files, horizon: int = 16, label_set: str = "oracle", shift_k: int = 0,
                  shift_seed: int = 0, empty_memory_info: str = DEFAULT_EMPTY_MEMORY_INFO,
                  select: Callable[[str, int], bool] | None = None, load_images: bool = True,
-                 load_state: bool = False):
+                 load_state: bool = False, chunk_end: str = "episode"):
         self.files = [str(f) for f in files]
         self.horizon = int(horizon)
         self.empty_memory_info = empty_memory_info
         self.load_images, self.load_state = load_images, load_state
+        if chunk_end not in CHUNK_ENDS:
+            raise ValueError(f"chunk_end must be one of {CHUNK_ENDS}, got {chunk_end!r}")
+        self.chunk_end = chunk_end
         self.episodes: list[_Episode] = []
         for path in self.files:
             with schema.open_index(path) as f:
@@ -119,6 +135,12 @@ class OracleStepDataset(Dataset):
         e = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self.episodes[e], int(index - self._offsets[e])
 
+    @staticmethod
+    def line_end(ep: _Episode, t: int) -> int:
+        """The step where the line running at ``t`` ends: the next key-step after t (or the end)."""
+        i = bisect.bisect_right(ep.key_t, t)
+        return ep.key_t[i] if i < len(ep.key_t) else ep.length
+
     def memory(self, ep: _Episode, t: int) -> list[str]:
         return ep.key_lines[: bisect.bisect_left(ep.key_t, t)]
 
@@ -128,11 +150,15 @@ class OracleStepDataset(Dataset):
         ep, t = self.locate(index)
         g = self._group(ep)
         end = min(t + self.horizon, ep.length)
-        actions = g["actions"][t:end]
+        line_end = self.line_end(ep, t) if self.chunk_end == "line" else ep.length
+        actions = g["actions"][t:min(end, line_end)]
         pad = self.horizon - len(actions)
         mask = np.ones(self.horizon, dtype=bool)
         if pad:
-            actions = np.concatenate([actions, np.repeat(actions[-1:], pad, axis=0)])
+            filler = actions[-1:].copy()
+            if line_end < end:  # the line ends inside the chunk: hold still, keep the suction command
+                filler[:, :6] = 0.0
+            actions = np.concatenate([actions, np.repeat(filler, pad, axis=0)])
             mask[-pad:] = False
         memory = self.memory(ep, t)
         sample = {

@@ -57,13 +57,20 @@ def numeric_line(line: str, pose_dict: dict) -> str:
 
 
 class OracleTracker:
-    """Advances the task's oracle program one step per call without executing its actions."""
+    """Advances the task's oracle program one step per call without executing its actions.
 
-    def __init__(self, env):
+    ``slack`` multiplies the skills' tolerances and step caps (``controllers.Motion.slack``): the
+    tracker follows a learned policy, which reaches a skill's goal less precisely and more slowly
+    than the skill itself would (e.g. move3d waits for 6 mm, push's rise gives up after 13 steps).
+    """
+
+    def __init__(self, env, slack: float = 2.0):
         self.env = env.unwrapped
+        self.slack = float(slack)
 
     def reset(self) -> None:
         self.executor = SkillExecutor(self.env)
+        self.executor.api.motion.slack = self.slack
         self.program = iter(self.env.oracle(self.executor.api))
         self.ended = False
 
@@ -92,14 +99,15 @@ class DPOracle(ChunkedDP):
 
     kind = "dp_oracle"
 
-    def __init__(self, dp, *, insert_positions: bool = True, **chunking):
+    def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, **chunking):
         super().__init__(dp, **chunking)
         self.insert_positions = bool(insert_positions)
+        self.tracker_slack = float(tracker_slack)
 
     def reset_instructions(self, prompt: str) -> None:
         if self.env is None:
             raise RuntimeError("DPOracle follows the oracle: call attach(env) before reset")
-        self.tracker = OracleTracker(self.env)
+        self.tracker = OracleTracker(self.env, self.tracker_slack)
         self.tracker.reset()
         self.memory: list[str] = []
         self.current = ""

@@ -14,7 +14,7 @@ oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
 vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
-dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, device
+dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, device
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
@@ -41,7 +41,7 @@ OPTIONS = {
     "flat_dp": _CHUNKING | {"device"},
     "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "device"},
+    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "device"},
 }
 
 
@@ -128,4 +128,5 @@ def build_policy(spec: PolicySpec):
         return VLMOracle(vlm)
     from .dp_oracle import DPOracle
 
-    return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **chunking)
+    slack = {"tracker_slack": float(opts.pop("tracker_slack"))} if "tracker_slack" in opts else {}
+    return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **slack, **chunking)

@@ -23,11 +23,14 @@ def build(cfg):
     from lightning_modules.dp.processor import CONDITIONING, check_conditioning
 
     check_conditioning(cfg.conditioning)
+    data_cfg = OmegaConf.to_container(cfg.data)
+    if data_cfg["chunk_end"] == "auto":  # code lines end chunks; a flat DP has no lines
+        data_cfg["chunk_end"] = "episode" if cfg.conditioning in ("task", "none") else "line"
     label_set = cfg.vlm_label_set if cfg.conditioning == "vlm" else CONDITIONING[cfg.conditioning]
     datamodule = DiffusionPolicyDataModule(
         cfg.data_dir, envs.resolve_tasks(cfg.tasks), label_set=label_set,
         shift_k=cfg.shift_k if cfg.conditioning == "code_shifted" else 0, horizon=cfg.model.horizon,
-        seed=cfg.seed, observation=cfg.model.observation, **OmegaConf.to_container(cfg.data))
+        seed=cfg.seed, observation=cfg.model.observation, **data_cfg)
     module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning},
                                    optim=OmegaConf.to_container(cfg.optim), ema=OmegaConf.to_container(cfg.ema),
                                    n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches)

@@ -102,6 +102,28 @@ def test_action_chunks_pad_with_the_last_action(data):
     assert torch.equal(mid["actions"][4], mid["actions"][10])
 
 
+def test_line_chunks_stop_at_the_next_key_step_and_hold(data):
+    """chunk_end="line": the recorded actions up to the line's end, then holds (no motion, the
+    line's last suction command); the episode-end rule is unchanged."""
+    files = dataset_files(data, ["PlaceNextTo"])
+    by_line = OracleStepDataset(files, horizon=16, chunk_end="line")
+    plain = OracleStepDataset(files, horizon=16)
+    ep = by_line.episodes[0]
+    nxt = ep.key_t[2]  # a key-step inside the episode
+    t = nxt - 3
+    line, full = by_line[t], plain[t]
+    assert line["action_mask"].tolist() == [True] * 3 + [False] * 13
+    torch.testing.assert_close(line["actions"][:3], full["actions"][:3])
+    assert not torch.equal(line["actions"][3:], full["actions"][3:])  # the next line's actions are gone
+    assert torch.all(line["actions"][3:, :6] == 0)
+    assert torch.all(line["actions"][3:, 6] == full["actions"][2, 6])
+    assert by_line.line_end(ep, t) == nxt and by_line.line_end(ep, nxt) == ep.key_t[3]
+    assert by_line.line_end(ep, ep.length - 1) == ep.length
+    torch.testing.assert_close(by_line[ep.length - 1]["actions"], plain[ep.length - 1]["actions"])
+    with pytest.raises(ValueError, match="chunk_end"):
+        OracleStepDataset(files, chunk_end="lines")
+
+
 def test_swap_cache_info_keeps_stored_poses_all_episode(data):
     ds = OracleStepDataset(dataset_files(data, ["Swap"]))
     ep = ds.episodes[0]

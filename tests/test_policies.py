@@ -222,7 +222,7 @@ def test_dp_oracle_tracks_the_oracle_lines_with_positions_inserted(make_task_env
     trace = run_oracle(env, seed=100000)
     assert trace.success
     dp = ReplayDP(env, trace.actions)
-    policy = DPOracle(dp, regenerate_on_keystep=True)
+    policy = DPOracle(dp, regenerate_on_keystep=True, insert_positions=True, tracker_slack=1.0)
     policy.attach(env)
     result, video = run_episode(env, policy, seed=100000, record_video=True)
     assert result.success, result
@@ -242,6 +242,33 @@ def test_dp_oracle_tracks_the_oracle_lines_with_positions_inserted(make_task_env
     assert key_t[:3] == [0, 1, 2]
     assert [c[1] for c in dp.calls[:3]] == ["None", instructions[0], instructions[0] + "\n" + instructions[1]]
     assert dp.calls[-1][1].count("pose_dict[") == 3
+
+
+def test_tracker_slack_widens_skill_tolerances_and_caps(make_task_env):
+    """Motion.slack: a servo 9 mm from its goal is done with slack 2 and still moving with 1;
+    its step cap doubles. DPOracle's tracker uses slack 2 by default."""
+    from envs.skills.controllers import Motion
+
+    env = make_task_env("Push", 32)
+    env.reset(seed=0)
+    base = env.unwrapped
+    tcp = Motion(base).tcp()
+    goal = tcp + np.array([0.009, 0.0, 0.0])
+
+    def run(slack):
+        gen = Motion(base, slack).servo(lambda: goal, 0.025, False, 0.006, 60)
+        try:
+            next(gen)
+            return "moving"
+        except StopIteration as stop:
+            return stop.value
+
+    assert run(1.0) == "moving" and run(2.0) is True
+    assert Motion(base, 2.0).cap(13) == 26
+    policy = DPOracle(ReplayDP(env, []))
+    policy.attach(base)
+    policy.reset("Push", base.prompt())
+    assert policy.tracker.executor.api.motion.slack == 2.0
 
 
 def test_numeric_line():

@@ -27,8 +27,15 @@ CLEARANCE = 0.045  # free height kept above every object while travelling
 class Motion:
     """Low-level helpers shared by the skills: TCP servoing and scene geometry."""
 
-    def __init__(self, env):
+    def __init__(self, env, slack: float = 1.0):
         self.env = env
+        # Tolerances and step caps are multiplied by ``slack``. The oracle acts with 1. DP+Oracle's
+        # tracker, which runs the skills only to follow a learned policy, uses more: a learned
+        # policy is less precise and slower than the controller it imitates.
+        self.slack = float(slack)
+
+    def cap(self, max_steps: int) -> int:
+        return int(round(max_steps * self.slack))
 
     # ------------------------------------------------------------ scene geometry
     def tcp(self) -> np.ndarray:
@@ -94,11 +101,11 @@ class Motion:
     def servo(self, goal_fn, speed: float, suction: bool, tol: float, max_steps: int,
               stop_fn=None) -> SkillGen:
         """Move the TCP to ``goal_fn()`` (re-evaluated each step) until within ``tol``."""
-        for _ in range(max_steps):
+        for _ in range(self.cap(max_steps)):
             if stop_fn is not None and stop_fn():
                 return True
             goal = goal_fn()
-            if np.linalg.norm(goal - self.tcp()) < tol:
+            if np.linalg.norm(goal - self.tcp()) < tol * self.slack:
                 return True
             yield self.toward(goal, speed, suction)
         return False
@@ -127,7 +134,7 @@ def pick(m: Motion, name: str, max_steps: int = 60) -> SkillGen:
         return False
     steps = 0
     while m.held() != name:
-        if m.held() is not None or steps >= max_steps:
+        if m.held() is not None or steps >= m.cap(max_steps):
             return False
         top = m.top(name)
         tcp = m.tcp()
@@ -145,7 +152,7 @@ def place(m: Motion, name: str, goal_xy_fn, goal_bottom_fn, max_steps: int = 70)
     if m.held() != name:
         return False
     last_bottom = None
-    for step in range(max_steps):
+    for step in range(m.cap(max_steps)):
         bottom = m.bottom(name)
         gap = bottom - goal_bottom_fn()
         resting = last_bottom is not None and gap < 0.012 and last_bottom - bottom < 0.0015
@@ -187,7 +194,7 @@ def push(m: Motion, name: str, goal_xy: np.ndarray, max_steps: int = 100) -> Ski
     ok = yield from m.servo(lambda: np.array([*(m.xy(name) - d0 * standoff), z_push]), FAST, False, 0.01, 25)
     if not ok:
         return False
-    for _ in range(max_steps):
+    for _ in range(m.cap(max_steps)):
         rem = goal_xy - m.xy(name)
         if np.linalg.norm(rem) < 0.006 or rem @ d0 <= 0.003:
             break
@@ -214,7 +221,7 @@ def topple(m: Motion, name: str, direction: np.ndarray, max_steps: int = 80) -> 
     ok = yield from m.servo(lambda: np.array([*(start - d * standoff), z_hit]), FAST, False, 0.01, 25)
     if not ok:
         return False
-    for _ in range(max_steps):
+    for _ in range(m.cap(max_steps)):
         if m.column_height(name) < height - 0.02 or tilt(m.env.object_pose(name)) > np.deg2rad(50):
             break
         yield m.toward(np.array([*(start + d * 0.12), z_hit]), 0.02, False)
