@@ -42,6 +42,18 @@ def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> i
     return n
 
 
+HOLD_THRESHOLD = 0.05  # action units (2.5 mm per step): below it on every axis, an action holds still
+
+
+def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int) -> bool:
+    """A DP trained with ``chunk_end: line`` predicts holds after its line's end: True when the
+    part of ``chunk`` (horizon, 7) after the executed ``n_action_steps`` (its last quarter when
+    all of it is executed) holds still, no TCP translation above ``HOLD_THRESHOLD``."""
+    chunk = np.asarray(chunk)
+    tail = chunk[n_action_steps:] if len(chunk) > n_action_steps else chunk[-max(1, len(chunk) // 4):]
+    return bool(np.all(np.abs(tail[:, :3]) < HOLD_THRESHOLD))
+
+
 class ChunkedDP(Policy):
     """A diffusion policy executed from an action queue, conditioned on an instruction source.
 
@@ -92,6 +104,7 @@ class ChunkedDP(Policy):
         self.dropped_chunks = 0  # chunks cut short by a new key-step
         self.dropped_actions = 0
         self.key_steps = 0
+        self.line_done = False  # the last chunk ends in holds: the DP's line is done once it is executed
 
     def act(self, observation: dict) -> np.ndarray:
         instruction, new_key_step, cache_info = self.next_instruction(observation)
@@ -104,9 +117,10 @@ class ChunkedDP(Policy):
                 self.queue.clear()
         if not self.queue:
             scene = {"scene": self._scene()} if self.uses_state else {}
-            chunk = self.dp.predict_action_chunk(observation, instruction, cache_info, **scene)
-            self.queue.extend(self._checked(chunk)[: self.n_action_steps])
+            chunk = self._checked(self.dp.predict_action_chunk(observation, instruction, cache_info, **scene))
+            self.queue.extend(chunk[: self.n_action_steps])
             self.chunks += 1
+            self.line_done = line_ends_in_chunk(chunk, self.n_action_steps)
         return self.queue.popleft()
 
     def _checked(self, chunk) -> np.ndarray:
@@ -125,25 +139,43 @@ class ChunkedDP(Policy):
 
 class VLMDP(ChunkedDP):
     """``planner``: :class:`policies.vlm_planner.VLMPlanner`-like (``reset(prompt)``,
-    ``step(image) -> PlanStep``, ``cache_info``); ``dp``: see :class:`ChunkedDP`."""
+    ``step(image) -> PlanStep``, ``next_key_step(image)``, ``cache_info``); ``dp``: see
+    :class:`ChunkedDP`.
+
+    ``keystep_on_hold`` (not in the paper; default True): when the DP's last chunk ended in holds
+    (:func:`line_ends_in_chunk`: a DP trained with ``chunk_end: line`` finishes its line within
+    the executed actions), the VLM is asked with the key-step request for the next line once
+    those actions are executed, as VLM+Oracle asks it when a skill ends.
+    Otherwise, and with False always, the VLM is queried as in the paper (``step``) and must see
+    from the image alone that a subtask is over. Why: a DP that completes its line and holds
+    leaves a still image, and the VLM, trained on one key-step frame per subtask against many
+    frames of the running one, kept naming the running line (measured, README).
+    """
 
     kind = "vlm_dp"
 
-    def __init__(self, planner, dp, **chunking):
+    def __init__(self, planner, dp, keystep_on_hold: bool = True, **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
+        self.keystep_on_hold = bool(keystep_on_hold)
 
     def reset_instructions(self, prompt: str) -> None:
         self.planner.reset(prompt, objects=scene_objects(self.env))
         self.vlm_errors = 0
         self.vlm_tokens = 0
         self.vlm_early_stops = 0
+        self.keystep_requests = 0
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = self.planner.cache_info  # read before the query: ExtractMemoryInfo(M_t)
-        step = self.planner.step(observation["base_rgb"])
+        if self.keystep_on_hold and self.line_done and not self.queue:
+            self.line_done = False
+            self.keystep_requests += 1
+            step = self.planner.next_key_step(observation["base_rgb"])
+        else:
+            step = self.planner.step(observation["base_rgb"])
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
@@ -159,4 +191,4 @@ class VLMDP(ChunkedDP):
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
-                "vlm_early_stops": float(self.vlm_early_stops)}
+                "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests)}

@@ -19,7 +19,8 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "SEED_START": "seed_start", "WORKERS": "workers", "OUT": "out", "MAX_STEPS": "max_steps",
            "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
-           "CONSTRAIN_OBJECTS": "policy_options.constrain_objects"}
+           "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
+           "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold"}
 
 
 def fail(message: str) -> int:
