@@ -102,6 +102,50 @@ def test_regeneration_drops_the_queued_chunk_exactly_at_new_key_steps():
     assert [c[0] for c in dp.calls] == [lines[t] for t in (0, 4, 5, 6, 9, 11)]
 
 
+class HoldingDP(CountingDP):
+    """DP stand-in whose every second chunk ends in holds (its line ends within the chunk)."""
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        chunk = super().predict_action_chunk(observation, instruction, cache_info)
+        chunk[:, :3] = 0.3
+        if len(self.calls) % 2 == 1:  # chunks 0, 2, ...: the line ends after the executed part
+            chunk[self.n_action_steps:, :3] = 0.0
+        return chunk
+
+
+class LoggingPlanner(ScriptedPlanner):
+    def reset(self, prompt, objects=None):
+        super().reset(prompt, objects)
+        self.log = []
+
+    def step(self, image):
+        self.log.append("step")
+        return self._next(image)
+
+    def next_key_step(self, image):
+        self.log.append("key")
+        return self._next(image)
+
+
+@pytest.mark.parametrize("on_hold", [True, False])
+def test_vlm_is_asked_for_the_next_key_step_when_the_dp_ends_its_line(on_hold):
+    from policies.vlm_dp import line_ends_in_chunk
+
+    chunk = np.full((8, 7), 0.3, np.float32)
+    assert not line_ends_in_chunk(chunk, 4)
+    chunk[4:, :3] = 0.01
+    assert line_ends_in_chunk(chunk, 4) and not line_ends_in_chunk(chunk, 3)
+    assert line_ends_in_chunk(np.zeros((8, 7)), 8)  # all executed: the last quarter decides
+    planner = LoggingPlanner(script({0}, 12))
+    policy = VLMDP(planner, HoldingDP(horizon=8, n_action_steps=4), keystep_on_hold=on_hold)
+    rollout(policy, 10)
+    # chunk 0 (t = 0..3) ends its line: at t = 4, once it is executed, the VLM gets the key-step
+    # request; chunk 1 (t = 4..7) does not end it: plain queries until chunk 2 at t = 8
+    expected = ["step"] * 4 + ["key"] + ["step"] * 5 if on_hold else ["step"] * 10
+    assert planner.log == expected
+    assert policy.stats()["keystep_requests"] == expected.count("key")
+
+
 def test_without_regeneration_chunks_run_blindly_for_n_action_steps():
     dp = CountingDP(horizon=8, n_action_steps=3)
     policy = VLMDP(ScriptedPlanner(script({0, 5, 6, 11}, 14)), dp, regenerate_on_keystep=False)
