@@ -17,13 +17,16 @@ in where the instruction comes from (``next_instruction``).
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import numpy as np
 
 from envs.skills import CodeError, Interpreter, SkillAPI
 
-from .base import Policy, PolicyFailure, code_failure, scene_objects
+from .base import Policy, PolicyFailure, scene_objects
+
+_POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"]).*?\1\]\s*=(?!=)")
 
 
 def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
@@ -165,6 +168,7 @@ class VLMDP(ChunkedDP):
         self.vlm_tokens = 0
         self.vlm_early_stops = 0
         self.keystep_requests = 0
+        self.pose_errors = 0
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
@@ -179,11 +183,11 @@ class VLMDP(ChunkedDP):
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
-        if self.interpreter is not None and step.new_key_step and step.line.lstrip().startswith("pose_dict"):
+        if self.interpreter is not None and step.new_key_step and _POSE_ASSIGN.match(step.line):
             try:
                 self.interpreter.execute(step.line)  # stores the pose; its one-step hold is not run
-            except CodeError as e:
-                raise code_failure(e, step.line) from None
+            except CodeError:  # like any bad VLM line in VLM+DP: counted, not fatal (no pose stored)
+                self.pose_errors += 1
         return step.line, bool(step.new_key_step), cache_info
 
     def pose_dict(self) -> dict:
@@ -191,4 +195,5 @@ class VLMDP(ChunkedDP):
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
-                "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests)}
+                "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests),
+                "pose_errors": float(self.pose_errors)}
