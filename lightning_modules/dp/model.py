@@ -77,7 +77,7 @@ class DiffusionPolicyModel(nn.Module):
         self.observation = observation
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
-        if image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
+        if observation == "rgb" and image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
             raise ValueError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
                              f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
         self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
