@@ -2,7 +2,7 @@
 
     python benchmarks/dp_loader.py [--data data/oracle] [--steps 20] [--quick]
 
-Measures, in one run on the cpu preset (batch 64): (a) DataLoader samples/s with 2 workers
+Measures, in one run on the cpu_rgb preset (the image DP, batch 64): (a) DataLoader samples/s with 2 workers
 (random task-balanced access, images + 16-step chunks), (b) training samples/s of the
 LightningModule's step (forward, backward, AdamW) on one core with the text-embedding cache,
 and (c) the same without the cache (the frozen encoder runs every step). Without --data a
@@ -57,7 +57,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={tmp}",
                             f"TASKS={args.tasks}", "EPISODES=4", "env.image_size=64"], check=True,
                            capture_output=True, cwd=ROOT)
-        cfg = load_config("dp", ["preset=cpu"])
+        cfg = load_config("dp", ["preset=cpu_rgb"])  # the image DP: images + chunks through the loader
         bs = cfg.data.batch_size
         dm = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=2, horizon=cfg.model.horizon)
         dm.setup()
@@ -80,7 +80,7 @@ def main() -> None:
             module.model.text.use_cache = cached
             module.model.text.cache.clear()
             rates[cached] = samples_per_s(iter(batches), steps, bs, step)
-    print(f"cpu preset, batch {bs}, tasks {tasks}, {steps} training steps on 1 thread")
+    print(f"cpu_rgb preset, batch {bs}, tasks {tasks}, {steps} training steps on 1 thread")
     print(f"{'what':<40}{'samples/s':>10}")
     print(f"{'HDF5 loader (2 workers)':<40}{loader_rate:>10.0f}")
     print(f"{'training step, text-embedding cache':<40}{rates[True]:>10.0f}")

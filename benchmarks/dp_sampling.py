@@ -1,6 +1,6 @@
 """Diffusion-policy chunk latency: DDIM-10 vs DDPM-100, same model, one run.
 
-    python benchmarks/dp_sampling.py [--preset cpu|paper] [--repeats 20] [--quick]
+    python benchmarks/dp_sampling.py [--preset cpu_rgb|paper] [--repeats 20] [--quick]
 
 Builds the preset's network (random weights: latency does not depend on training), takes one
 64x64 (cpu) or 128x128 (paper) observation and times ``DiffusionPolicyModel.sample`` for one
@@ -15,7 +15,7 @@ import time
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--preset", default="cpu_rgb")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="5 repeats (< 1 minute)")

@@ -50,7 +50,8 @@ def ensure_vlm(path: str | None, data: Path, steps: int, tmp: str) -> Path:
         raise SystemExit(f"error: --vlm {path}: no such exported VLM")
     out = Path(tmp) / "vlm"
     print(f"no trained VLM: training a cpu-preset VLM for {steps} steps on {data} (into {out})")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_vlm.py"), f"DATA={data}", f"OUT={out}",
+    tasks = ",".join(sorted(p.stem for p in data.glob("*.h5")))  # the tasks the data folder holds
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_vlm.py"), f"DATA={data}", f"DATASET={tasks}", f"OUT={out}",
                         f"STEPS={steps}", "trainer.enable_progress_bar=false", "trainer.val_check_interval=100000"], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"error: VLM training failed: {r.stderr.strip().splitlines()[-1:]}")
