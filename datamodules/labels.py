@@ -13,6 +13,7 @@ import re
 
 COMMENT = "# "
 POSE_DICT_ASSIGNMENT = re.compile(r"^\s*pose_dict\[[^\]]+\]\s*=(?!=)")
+POSE_DICT_READ = re.compile(r"pose_dict\[(['\"])(.*?)\1\]")  # group 2: the key
 DEFAULT_EMPTY_MEMORY_INFO = "None"  # the paper's symbol was lost; we use the literal "None"
 
 

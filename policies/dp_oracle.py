@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import re
 
-from datamodules.labels import commented, extract_memory_info
+from datamodules.labels import POSE_DICT_READ, commented, extract_memory_info
 from envs.oracle import SkillExecutor
 from envs.skills import CodeError
 
 from .base import PolicyFailure
 from .vlm_dp import ChunkedDP
 
-_POSE_READ = re.compile(r"pose_dict\[(['\"])(.*?)\1\]")
 _POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"])(.*?)\1\]\s*=(?!=)")
 
 
@@ -53,7 +52,7 @@ def numeric_line(line: str, pose_dict: dict) -> str:
     m = _POSE_ASSIGN.match(line)
     if m and m.group(2) in pose_dict:
         return f"pose_dict[{m.group(2)!r}] = {format_position(pose_dict[m.group(2)])}"
-    return _POSE_READ.sub(value, line)
+    return POSE_DICT_READ.sub(value, line)
 
 
 class OracleTracker:

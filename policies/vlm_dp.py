@@ -17,16 +17,14 @@ in where the instruction comes from (``next_instruction``).
 
 from __future__ import annotations
 
-import re
 from collections import deque
 
 import numpy as np
 
+from datamodules.labels import POSE_DICT_ASSIGNMENT
 from envs.skills import CodeError, Interpreter, SkillAPI
 
 from .base import Policy, PolicyFailure, scene_objects
-
-_POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"]).*?\1\]\s*=(?!=)")
 
 
 def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
@@ -96,7 +94,7 @@ class ChunkedDP(Policy):
             raise RuntimeError("a state-observation DP reads the scene: call attach(env) before reset")
         specs = [self.env.specs[o.name] for o in self.env.layout.objects]
         return {"names": [s.name for s in specs], "sizes": [(s.height, s.radius) for s in specs],
-                "pose_dict": {k: tuple(v.p) if hasattr(v, "p") else tuple(v) for k, v in self.pose_dict().items()}}
+                "pose_dict": {k: tuple(v.p) for k, v in self.pose_dict().items()}}
 
     def reset(self, task: str, prompt: str) -> None:
         super().reset(task, prompt)
@@ -183,7 +181,7 @@ class VLMDP(ChunkedDP):
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
-        if self.interpreter is not None and step.new_key_step and _POSE_ASSIGN.match(step.line):
+        if self.interpreter is not None and step.new_key_step and POSE_DICT_ASSIGNMENT.match(step.line):
             try:
                 self.interpreter.execute(step.line)  # stores the pose; its one-step hold is not run
             except CodeError:  # like any bad VLM line in VLM+DP: counted, not fatal (no pose stored)

@@ -29,11 +29,11 @@ Positions are scaled by ``POS_SCALE`` (metres to decimetres) so that features ar
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 from torch import nn
+
+from datamodules.labels import POSE_DICT_READ
 
 MAX_OBJECTS = 4  # tasks have 1 or 3 objects
 MAX_POSES = 6  # pose_dict entries per episode
@@ -43,8 +43,6 @@ POS_SCALE = 10.0
 OBJECT_FEATURES = 3 + 4 + 2 + 3  # position, quaternion, size, position - tcp
 TARGET_FEATURES = 3 + 3  # position, position - tcp
 N_SKIP = MAX_ROLES + MAX_TARGETS
-
-_POSE_READ = re.compile(r"pose_dict\[(['\"])(.*?)\1\]")
 
 
 def mention_roles(text: str, names: list[str]) -> list[int]:
@@ -59,7 +57,7 @@ def mention_roles(text: str, names: list[str]) -> list[int]:
 def pose_reads(text: str) -> list[str]:
     """The distinct ``pose_dict['key']`` keys of ``text``, in order, at most ``MAX_TARGETS``."""
     keys: list[str] = []
-    for m in _POSE_READ.finditer(text):
+    for m in POSE_DICT_READ.finditer(text):
         if m.group(2) not in keys:
             keys.append(m.group(2))
     return keys[:MAX_TARGETS]
