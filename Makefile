@@ -32,7 +32,7 @@ MAKE_OWN_VARS := PY PYTHON VENV PYTEST_ARGS TB_PORT XDG_RUNTIME_DIR HF_HUB_OFFLI
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 ARGS = $(strip $(subst @@SP@@,\ ,$(call reverse,$(filter-out $(addsuffix =%,$(MAKE_OWN_VARS)),$(subst \ ,@@SP@@,$(MAKEOVERRIDES))))))
 
-.PHONY: help install test test-all demo data train-vlm train-dp eval relabel-dp \
+.PHONY: help install test test-all demo data check-data train-vlm train-dp eval relabel-dp \
         tensorboard bench clean distclean runtime-dir
 
 help: ## list the targets (default)
@@ -70,6 +70,9 @@ demo: install runtime-dir ## run scripts/demo.py (command-line variables are pas
 
 data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (TASKS= EPISODES= DATASET= SEED_START= WORKERS= OUT= key=value)
 	$(PY) scripts/generate_data.py $(ARGS)
+
+check-data: install runtime-dir ## verify a dataset's episode files: scripts/check_data.py (DATA= [TASKS=] [REPAIR=1] moves bad ones to quarantine/)
+	$(PY) scripts/check_data.py $(ARGS)
 
 train-vlm: install runtime-dir ## train the code VLM: scripts/train_vlm.py (DATASET= DATA= PRESET=cpu|paper RESUME= OUT= STEPS= key=value)
 	$(PY) scripts/train_vlm.py $(ARGS)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from configs.errors import ConfigError
 from policies.evaluator import DEFAULT_SEED_START, evaluate, evaluation_seeds, success_metrics
 from policies.spec import KINDS, PolicySpec
 
@@ -56,9 +57,9 @@ class RolloutEvaluation(L.Callback):
         from envs import resolve_tasks
 
         if policy not in KINDS:
-            raise ValueError(f"unknown rollout policy {policy!r}; policies: {sorted(KINDS)}")
+            raise ConfigError(f"unknown rollout policy {policy!r}; policies: {sorted(KINDS)}")
         if every_n_val_epochs < 1 or episodes < 1:
-            raise ValueError("every_n_val_epochs and episodes must be >= 1")
+            raise ConfigError("every_n_val_epochs and episodes must be >= 1")
         self.tasks = resolve_tasks(tasks)
         self.kind = policy
         self.vlm = vlm

@@ -21,8 +21,23 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(ValueError):
-    """A bad config name, key or value; the message says what is valid."""
+from .errors import CheckpointError, ConfigError, MissingInputError, UserError  # noqa: F401
+
+# Ranges of the counts and sizes, by dotted key, checked for every config that has the key
+# (after the overrides): a negative count or an impossible size is an error before work starts.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "episodes": (1, None), "seed_start": (0, None), "workers": (0, None), "max_seeds_factor": (1, None),
+    "max_steps": (0, None), "video_episodes": (0, None), "eval_episodes": (1, None),
+    "rollout_episodes": (1, None), "rollout_every": (0, None), "vlm_steps": (1, None), "dp_steps": (1, None),
+    "dp_val_every": (1, None), "frames_per_episode": (1, None), "seed": (0, None),
+    "env.image_size": (16, 1024), "model.image_size": (16, 1024), "model.horizon": (1, 256),
+    "n_action_steps": (1, 256), "data.batch_size": (1, None), "data.num_workers": (0, None),
+    "data.val_fraction": (0, 0.9), "trainer.max_steps": (1, None), "trainer.val_check_interval": (1, None),
+    "optim.lr": (0, None), "val_sample_batches": (0, None),
+    "rollout.episodes": (1, None), "rollout.every_n_val_epochs": (0, None), "rollout.workers": (0, None),
+    "policy_options.n_action_steps": (0, 256), "policy_options.horizon": (0, 256),
+    "policy_options.tracker_slack": (0.1, None),
+}
 
 
 def _valid_keys(cfg: DictConfig, dotted: str) -> list[str]:
@@ -84,12 +99,28 @@ def load_config(name: str, overrides: list[str] | None = None, aliases: dict[str
                               f"{_valid_keys(cfg, key)}") from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad value for {key!r}: {str(e).splitlines()[0]}") from None
-        _check_type(key, old, OmegaConf.select(cfg, key, throw_on_resolution_failure=False))
+        new = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if isinstance(old, bool) and not isinstance(new, bool) and new in (0, 1):  # REPAIR=1
+            OmegaConf.update(cfg, key, bool(new))
+            continue
+        _check_type(key, old, new)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
+    check_ranges(cfg, name)
     return cfg
+
+
+def check_ranges(cfg: DictConfig, name: str = "config") -> None:
+    """Raise :class:`ConfigError` for a value of ``RANGES`` outside its range."""
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{key}={value} in {name}: must be {bounds}")
 
 
 def _preset(name: str, preset: str) -> DictConfig:
@@ -120,11 +151,30 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def cli_config(name: str, argv: list[str], aliases: dict[str, str] | None = None) -> DictConfig:
-    """Config for a command-line entry point; a bad override exits with one clear error."""
+    """Config for a command-line entry point (a bad override raises :class:`ConfigError`, which
+    :func:`run_entry_point` reports)."""
+    return load_config(name, argv, aliases)
+
+
+def run_entry_point(main) -> None:
+    """Run ``main(argv) -> exit status`` as the command (see :func:`entry_status`) and exit."""
+    import sys
+
+    sys.exit(entry_status(main, sys.argv[1:]))
+
+
+def entry_status(main, argv: list[str]) -> int:
+    """``main(argv)``'s exit status: a :class:`UserError` becomes one ``error: ...`` line on
+    stderr and 2, Ctrl-C 130; other exceptions (bugs) propagate with their traceback."""
     import sys
 
     try:
-        return load_config(name, argv, aliases)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return int(main(argv) or 0)
+    except UserError as e:
+        message = str(e).strip().splitlines()
+        print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work is kept, and the same command resumes or redoes the rest",
+              file=sys.stderr)
+        return 130

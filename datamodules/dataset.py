@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from configs.errors import ConfigError, MissingInputError
+
 from . import schema
 from lightning_modules.dp.state import state_sample
 
@@ -82,7 +84,7 @@ class OracleStepDataset(Dataset):
         self.empty_memory_info = empty_memory_info
         self.load_images, self.load_state = load_images, load_state
         if chunk_end not in CHUNK_ENDS:
-            raise ValueError(f"chunk_end must be one of {CHUNK_ENDS}, got {chunk_end!r}")
+            raise ConfigError(f"chunk_end must be one of {CHUNK_ENDS}, got {chunk_end!r}")
         self.chunk_end = chunk_end
         self.episodes: list[_Episode] = []
         for path in self.files:
@@ -183,12 +185,28 @@ class OracleStepDataset(Dataset):
         return sample
 
 
-def dataset_files(folder, tasks: list[str]) -> list[Path]:
-    """Index files of ``tasks`` in a dataset folder; a clear error names what is missing."""
+def dataset_files(folder, tasks: list[str], check: bool = True) -> list[Path]:
+    """Index files of ``tasks`` in a dataset folder; a clear error names what is missing. With
+    ``check`` every episode file is opened and its shapes checked first (``datamodules.check``,
+    quick form): a bad one raises :class:`~datamodules.schema.SchemaError` naming it and the
+    repair command, before any training step."""
+    from .check import check_dataset, repair_command
+
     folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInputError(f"no dataset folder {folder}; generate one with "
+                                f"`make data TASKS={','.join(tasks)} OUT={folder}`")
     files = [folder / f"{t}.h5" for t in tasks]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise FileNotFoundError(f"missing dataset files {missing}; generate them with "
+        raise MissingInputError(f"missing dataset files {missing}; generate them with "
                                 f"`make data TASKS={','.join(tasks)} OUT={folder}`")
+    if check:
+        _, problems = check_dataset(folder, tasks, decode_images=False, parse_labels=False)
+        if problems:
+            first = problems[0]
+            raise schema.SchemaError(
+                f"{len(problems)} bad episode file(s) in {folder}, e.g. {first.path}: {first.reason}; "
+                f"move them aside with `{repair_command(folder)}`, then regenerate them with `make data` "
+                f"(same TASKS, EPISODES and OUT)")
     return files

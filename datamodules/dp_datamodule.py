@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from configs.errors import ConfigError
+
 from . import schema
 from .dataset import OracleStepDataset, dataset_files
 from .labels import extract_memory_info
@@ -75,7 +77,7 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         self.train_set = OracleStepDataset(self.files, select=lambda task, s: s not in held[task], **common)
         self.val_set = OracleStepDataset(self.files, select=lambda task, s: s in held[task], **common)
         if len(self.train_set) == 0:
-            raise ValueError(f"no training episodes in {[str(f) for f in self.files]}")
+            raise ConfigError(f"no training episodes in {[str(f) for f in self.files]}")
 
     def unique_texts(self) -> set[str]:
         """Every instruction, cache info and prompt string of the training set (few, cacheable)."""

@@ -14,12 +14,19 @@ import json
 import multiprocessing as mp
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
+from configs.errors import UserError
+
 from . import schema
 from .labels import step_labels
+
+
+class DataWriteError(UserError, OSError):
+    """An episode could not be written (disk full, quota, permissions); nothing half-written stays."""
 
 _WORKER_ENVS: dict = {}
 _WORKER_CFG: dict = {}
@@ -128,8 +135,19 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
             break
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for fut in done:
-            running.pop(fut)
-            _, seed, success, reason, steps = fut.result()
+            seed = running.pop(fut)
+            try:
+                _, seed, success, reason, steps = fut.result()
+            except BrokenProcessPool:  # killed: out of memory, a file-size limit, a signal
+                bar.close()
+                raise DataWriteError(
+                    f"a worker died abruptly on {task} seed {seed} (out of memory, a file-size limit or a "
+                    f"signal); rerun the same command: the {len(ok)} episodes already written are kept") from None
+            except OSError as e:  # a full disk, a quota, permissions: the episode file was not written
+                bar.close()
+                raise DataWriteError(
+                    f"cannot write {task} seed {seed} under {out}: {e}; free space (or fix the folder) and "
+                    f"rerun the same command: the {len(ok)} episodes already written are kept") from None
             new_eps += 1
             new_steps += steps
             if success:

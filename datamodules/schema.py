@@ -17,6 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from configs.errors import UserError
+
 FORMAT = "code2action-oracle"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks obs/object_pose, objects/radius and labels/*/pose_*
@@ -25,7 +27,7 @@ LOW_DIM_KEYS = ("qpos", "qvel", "tcp_pose", "suction", "bboxes", "object_pose")
 STR = h5py.string_dtype("utf-8")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A file that is not a valid dataset of this format/version."""
 
 
@@ -109,9 +111,13 @@ def write_index(index_path: Path, task: str, seeds: list[int]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def open_index(path: str | Path) -> h5py.File:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from configs.errors import ConfigError
+
 from . import schema
 from .dataset import OracleStepDataset
 from .grounding import vqa_samples
@@ -132,7 +134,7 @@ class VQADataset(Dataset):
                  keystep_request: bool = True, grid: int = 10, negatives: int = 1, seed: int = 0,
                  label_set: str = "oracle", max_items: int = 0, missed_keystep_fraction: float = 0.0):
         if not 0 < code_fraction <= 1:
-            raise ValueError(f"code_fraction must be in (0, 1], got {code_fraction}")
+            raise ConfigError(f"code_fraction must be in (0, 1], got {code_fraction}")
         self.steps = OracleStepDataset(files, label_set=label_set, select=select, load_images=False)
         self.grid, self.negatives = int(grid), int(negatives)
         self.seed = int(seed)
@@ -252,7 +254,7 @@ class VQACollator:
             answer = self.answer_ids(s["answer"])
             ids = (prompt + answer)[: self.max_length]
             if len(prompt) >= len(ids):
-                raise ValueError(f"prompt of {len(prompt)} tokens leaves no room for the answer "
+                raise ConfigError(f"prompt of {len(prompt)} tokens leaves no room for the answer "
                                  f"(max_length {self.max_length})")
             rows.append(ids)
             starts.append(len(prompt))
@@ -306,7 +308,7 @@ class VQADataModule(L.LightningDataModule):
         self.val_set = VQADataset(self.files, select=lambda task, seed: (task, seed) in val,
                                   max_items=int(data_cfg.val_max_items), **kw) if val else None
         if len(self.train_set) == 0:
-            raise ValueError(f"no training samples in {[str(f) for f in self.files]}")
+            raise ConfigError(f"no training samples in {[str(f) for f in self.files]}")
 
     def set_processor(self, processor) -> None:
         self.collate = VQACollator(processor, self.fmt, self.max_length)

@@ -10,6 +10,8 @@ Task selection by name: a task ("PlaceOnTop"), a level ("L0", "L1", "held_out", 
 
 from __future__ import annotations
 
+from configs.errors import UserError
+
 from .vulkan import VulkanDriverMissing, check_vulkan, ensure_runtime_dir
 
 ensure_runtime_dir()
@@ -18,7 +20,7 @@ from . import robot  # noqa: E402,F401  (registers the panda_suction agent)
 from .tasks import ENV_ID, LEVELS, TASKS  # noqa: E402
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """A task or level name that the suite does not have."""
 
 
@@ -47,16 +49,10 @@ def resolve_tasks(spec) -> list[str]:
 
 
 def cli_tasks(spec) -> list[str]:
-    """For entry points: the tasks of ``spec`` after checking the Vulkan driver; a bad name or
-    a missing driver prints one ``error:`` message and exits with code 2."""
-    import sys
-
-    try:
-        tasks = resolve_tasks(spec)
-        check_vulkan()
-    except (UnknownTaskError, VulkanDriverMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """For entry points: the tasks of ``spec`` after checking the Vulkan driver (raises
+    :class:`UnknownTaskError` or :class:`VulkanDriverMissing`, both user errors)."""
+    tasks = resolve_tasks(spec)
+    check_vulkan()
     return tasks
 
 

@@ -6,6 +6,8 @@ import ctypes
 import glob
 import os
 
+from configs.errors import UserError
+
 INSTALL_HINT = (
     "ManiSkill3 needs a Vulkan driver, also on machines without a GPU.\n"
     "  - NVIDIA GPU: install the NVIDIA driver (it ships the Vulkan ICD).\n"
@@ -18,7 +20,7 @@ INSTALL_HINT = (
 )
 
 
-class VulkanDriverMissing(RuntimeError):
+class VulkanDriverMissing(UserError, RuntimeError):
     """No usable Vulkan driver; the message says how to install one."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from configs.errors import ConfigError
+
 PAPER_SCHEDULE = dict(num_train_timesteps=100, beta_start=0.0001, beta_end=0.02,
                       beta_schedule="squaredcos_cap_v2", variance_type="fixed_small",
                       clip_sample=True, prediction_type="epsilon")
@@ -60,7 +62,7 @@ def loss_weights(scheduler: DDPMScheduler, weighting: str) -> torch.Tensor:
     if weighting == "uniform":
         return torch.ones(len(scheduler.betas))
     if weighting not in ("elbo", "elbo_clipped"):
-        raise ValueError(f"unknown loss_weighting {weighting!r}; use elbo, elbo_clipped or uniform")
+        raise ConfigError(f"unknown loss_weighting {weighting!r}; use elbo, elbo_clipped or uniform")
     w = elbo_weights(scheduler, normalize=False)
     if weighting == "elbo_clipped":
         w[-1] = min(w[-1], w[:-1].max())

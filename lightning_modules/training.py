@@ -18,13 +18,38 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from configs.errors import CheckpointError, MissingInputError, UserError
 
-class RunError(ValueError):
+
+class RunError(UserError, ValueError):
     """A run folder or resume request that cannot be honoured; the message says why."""
 
 
-def resolve_resume(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run (checks the run folder)."""
+def read_checkpoint(path, what: str = "checkpoint") -> dict:
+    """``torch.load`` a checkpoint file on the CPU; a missing file, or one that is not a
+    checkpoint (truncated, foreign), raises a user error naming ``what`` was expected."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"no {what} at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a {what}: it cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path} is not a {what} (it holds a {type(blob).__name__})")
+    return blob
+
+
+def resolve_resume(cfg: DictConfig, marker: str | None = None, what: str = "checkpoint") -> str | None:
+    """The checkpoint to resume from, or None for a fresh run (checks the run folder). An
+    explicit ``RESUME=path`` must be a Lightning checkpoint holding the key ``marker`` (the kind
+    the command trains; ``what`` names it in the error)."""
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.ckpt"
     resume = cfg.get("resume")
@@ -38,6 +63,9 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     path = Path(resume)
     if not path.is_file():
         raise RunError(f"RESUME={resume}: no such checkpoint file")
+    blob = read_checkpoint(path, what)
+    if "state_dict" not in blob or (marker is not None and marker not in blob):
+        raise CheckpointError(f"RESUME={resume} is not a {what} (a Lightning checkpoint with {marker!r} expected)")
     return str(path)
 
 

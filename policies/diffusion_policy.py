@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configs.errors import CheckpointError
 from lightning_modules.dp.model import DiffusionPolicyModel
 from lightning_modules.dp.module import POLICY_FORMAT
 from lightning_modules.dp.state import state_sample
+from lightning_modules.training import read_checkpoint
 
 
 class DiffusionPolicy:
@@ -43,9 +45,7 @@ class DiffusionPolicy:
     def from_checkpoint(cls, path, device: str = "cpu", **overrides) -> "DiffusionPolicy":
         """From a ``.ckpt`` (EMA weights) or an exported policy file; ``overrides``: constructor args."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no diffusion-policy checkpoint at {path}")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = read_checkpoint(path, "diffusion-policy checkpoint (make train-dp: <out>/policy.pt or a .ckpt)")
         if blob.get("format") == POLICY_FORMAT:
             config, n_steps, state = blob["model"], blob["n_action_steps"], blob["state_dict"]
         elif "hyper_parameters" in blob and "ema" in blob:
@@ -53,7 +53,8 @@ class DiffusionPolicy:
             config, n_steps = dict(hp["model"]), hp.get("n_action_steps", 8)
             state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
         else:
-            raise ValueError(f"{path} is neither a train-dp checkpoint nor an exported policy")
+            raise CheckpointError(f"{path} is neither a train-dp checkpoint nor an exported policy "
+                                  f"(is it a VLM's? those go to VLM=...)")
         if "image_pool" not in config:  # older checkpoints: read the pooling off the weights
             config["image_pool"] = "spatial_softmax" if any(".keypoints." in k for k in state) else "avg"
         if "obs_skip" not in config:  # ... and whether FiLM sees the observation tokens

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configs.errors import UserError
+
 KINDS = {
     "oracle": (False, False),  # (needs dp, needs vlm)
     "flat_dp": (True, False),
@@ -45,7 +47,7 @@ OPTIONS = {
 }
 
 
-class PolicySpecError(ValueError):
+class PolicySpecError(UserError, ValueError):
     """An unknown policy kind, a missing or absent checkpoint, or an unknown option."""
 
 

@@ -21,6 +21,7 @@ from collections import deque
 
 import numpy as np
 
+from configs.errors import ConfigError
 from datamodules.labels import POSE_DICT_ASSIGNMENT
 from envs.skills import CodeError, Interpreter, SkillAPI
 
@@ -34,12 +35,12 @@ def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> i
         try:
             dp.horizon = int(horizon)
         except AttributeError:
-            raise ValueError(f"this diffusion policy cannot change its horizon ({dp.horizon})") from None
+            raise ConfigError(f"this diffusion policy cannot change its horizon ({dp.horizon})") from None
     if n_action_steps:
         dp.n_action_steps = int(n_action_steps)
     n = int(dp.n_action_steps)
     if not 1 <= n <= int(dp.horizon):
-        raise ValueError(f"n_action_steps={n} must be in [1, horizon={dp.horizon}]")
+        raise ConfigError(f"n_action_steps={n} must be in [1, horizon={dp.horizon}]")
     return n
 
 

@@ -44,6 +44,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from configs.errors import MissingInputError
 from datamodules.labels import commented, extract_memory_info, is_key_step, uncomment
 from datamodules.vqa import PromptFormat, code_question
 
@@ -109,7 +110,7 @@ class VLMPlanner:
 
             return cls.from_module(VLMModule.from_checkpoint(path), device=device, **overrides)
         if not path.exists():
-            raise FileNotFoundError(f"no VLM at {path}: give an exported folder (<out>/export of "
+            raise MissingInputError(f"no VLM at {path}: give an exported folder (<out>/export of "
                                     f"`make train-vlm`), a run folder or a .ckpt file")
         from lightning_modules.vlm.model import load_vlm
 

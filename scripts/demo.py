@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from configs import cli_config
+from configs import cli_config, run_entry_point
 
 ALIASES = {"TASKS": "tasks", "EPISODES": "episodes", "OUT": "out", "SEED": "seed"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,4 +140,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

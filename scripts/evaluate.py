@@ -13,7 +13,7 @@ table as text and the videos as animated GIFs under <out>/tb/.
 import sys
 from pathlib import Path
 
-from configs import cli_config, to_yaml
+from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPISODES": "episodes",
            "SEED_START": "seed_start", "WORKERS": "workers", "OUT": "out", "MAX_STEPS": "max_steps",
@@ -21,11 +21,6 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
            "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold"}
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def policy_spec(cfg):
@@ -53,22 +48,13 @@ def checkpoint_image_size(policy) -> int | None:
 
 def main(argv: list[str]) -> int:
     cfg = cli_config("eval", argv, ALIASES)
-    from policies.spec import PolicySpecError, build_policy
+    from policies.spec import build_policy
 
-    if int(cfg.episodes) < 1 or int(cfg.workers) < 0:
-        return fail("EPISODES must be >= 1 and WORKERS >= 0")
-    spec = policy_spec(cfg)
-    try:
-        spec.validate()
-    except PolicySpecError as e:
-        return fail(str(e))
+    spec = policy_spec(cfg).validate()
     import envs
 
     tasks = envs.cli_tasks(cfg.tasks)
-    try:
-        policy = build_policy(spec)  # load once here: a bad checkpoint is one error, not N broken workers
-    except (FileNotFoundError, ValueError, OSError, KeyError, ImportError) as e:
-        return fail(f"cannot load policy {spec.kind}: {type(e).__name__}: {e}")
+    policy = build_policy(spec)  # load once here: a bad checkpoint is one error, not N broken workers
     from policies.evaluator import evaluate
 
     if not any(a.startswith("env.image_size=") for a in argv):  # the checkpoint's own camera size
@@ -111,4 +97,4 @@ def write_outputs(cfg, result) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

@@ -2,7 +2,7 @@
 
 import sys
 
-from configs import cli_config, to_yaml
+from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"TASKS": "tasks", "DATASET": "tasks", "EPISODES": "episodes", "SEED_START": "seed_start",
            "WORKERS": "workers", "OUT": "out"}
@@ -29,4 +29,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

@@ -8,32 +8,28 @@ the oracle labels.
 
 import sys
 
-from configs import cli_config, to_yaml
+from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"DATASET": "tasks", "TASKS": "tasks", "DATA": "data_dir", "VLM": "vlm"}
 
 
 def main(argv: list[str]) -> int:
     cfg = cli_config("relabel", argv, ALIASES)
-    from datamodules.dataset import dataset_files
-    from datamodules.schema import SchemaError
-    from envs import UnknownTaskError, resolve_tasks
-    from lightning_modules.vlm.relabel import RelabelError, plan, relabel, summary, vlm_identity
-    from policies.vlm_planner import VLMPlanner
-
     from pathlib import Path
 
-    try:
-        if not Path(cfg.vlm).exists():
-            raise FileNotFoundError(f"VLM={cfg.vlm}: no such exported VLM folder or checkpoint; "
-                                    f"train one with `make train-vlm` (it writes <out>/export)")
-        files = dataset_files(cfg.data_dir, resolve_tasks(cfg.tasks))
-        todo, _ = plan(files, cfg.label_set, vlm_identity(cfg.vlm), bool(cfg.overwrite))
-        overrides = {} if cfg.early_stop_k is None else {"early_stop_k": int(cfg.early_stop_k)}
-        planner = VLMPlanner.from_pretrained(cfg.vlm, device=cfg.device, **overrides) if todo else None
-    except (FileNotFoundError, SchemaError, UnknownTaskError, RelabelError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    from configs import MissingInputError
+    from datamodules.dataset import dataset_files
+    from envs import resolve_tasks
+    from lightning_modules.vlm.relabel import plan, relabel, summary, vlm_identity
+    from policies.vlm_planner import VLMPlanner
+
+    if not Path(cfg.vlm).exists():
+        raise MissingInputError(f"VLM={cfg.vlm}: no such exported VLM folder or checkpoint; "
+                                f"train one with `make train-vlm` (it writes <out>/export)")
+    files = dataset_files(cfg.data_dir, resolve_tasks(cfg.tasks))
+    todo, _ = plan(files, cfg.label_set, vlm_identity(cfg.vlm), bool(cfg.overwrite))
+    overrides = {} if cfg.early_stop_k is None else {"early_stop_k": int(cfg.early_stop_k)}
+    planner = VLMPlanner.from_pretrained(cfg.vlm, device=cfg.device, **overrides) if todo else None
     print(to_yaml(cfg))
     stats = relabel(files, planner, cfg.vlm, cfg.label_set, bool(cfg.overwrite), progress=bool(cfg.progress))
     print(summary(stats))
@@ -43,4 +39,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

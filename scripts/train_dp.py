@@ -7,7 +7,7 @@ Writes <out>/config.yaml, <out>/tb/ (TensorBoard), <out>/checkpoints/{last,best-
 
 import sys
 
-from configs import cli_config, to_yaml
+from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"DATASET": "tasks", "TASKS": "tasks", "DATA": "data_dir", "CONDITIONING": "conditioning",
            "PRESET": "preset", "RESUME": "resume", "OUT": "out", "SEED": "seed"}
@@ -65,18 +65,11 @@ def main(argv: list[str]) -> int:
 
     import lightning as L
 
-    from datamodules.dataset import schema
-    from envs import UnknownTaskError
-    from lightning_modules.training import RunError, make_trainer, resolve_resume
-    from policies.spec import PolicySpecError
+    from lightning_modules.training import make_trainer, resolve_resume
 
-    try:
-        resume = resolve_resume(cfg)
-        module, datamodule = build(cfg)
-        callbacks = rollout_callbacks(cfg)
-    except (RunError, UnknownTaskError, FileNotFoundError, ValueError, schema.SchemaError, PolicySpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    resume = resolve_resume(cfg, "ema", "diffusion-policy checkpoint (make train-dp)")
+    module, datamodule = build(cfg)
+    callbacks = rollout_callbacks(cfg)
     print(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
     trainer = make_trainer(cfg, monitor="val/loss", callbacks=callbacks)
@@ -89,4 +82,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

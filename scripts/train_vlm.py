@@ -7,7 +7,7 @@ VLM as a ``save_pretrained`` folder for ``VLMPlanner.from_pretrained`` and ``mak
 
 import sys
 
-from configs import cli_config, to_yaml
+from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"DATASET": "tasks", "TASKS": "tasks", "DATA": "data_dir", "PRESET": "preset", "RESUME": "resume",
            "OUT": "out", "STEPS": "trainer.max_steps"}
@@ -17,6 +17,7 @@ def prepare(cfg):
     """Check the inputs and build (module, datamodule, checkpoint to resume); raises on bad input."""
     import torch
 
+    from configs import ConfigError
     from datamodules.dataset import dataset_files
     from datamodules.vqa import PromptFormat, VQADataModule
     from envs import resolve_tasks
@@ -26,11 +27,11 @@ def prepare(cfg):
     from lightning_modules.vlm.tokenizer import train_tokenizer
 
     files = dataset_files(cfg.data_dir, resolve_tasks(cfg.tasks))
-    ckpt = resolve_resume(cfg)
+    ckpt = resolve_resume(cfg, PROCESSOR_KEY, "VLM checkpoint (make train-vlm)")
     fmt = PromptFormat(cfg.prompt_template)
     dm = VQADataModule(cfg.data, files, fmt=fmt, max_length=cfg.model.max_length)
     if dm.val_set is None:
-        raise ValueError("no validation episodes: every task needs >= 2 episodes and data.val_fraction > 0")
+        raise ConfigError("no validation episodes: every task needs >= 2 episodes and data.val_fraction > 0")
     if ckpt is not None:  # the tokenizer must be the one the checkpoint was trained with
         processor = processor_from_files(torch.load(ckpt, map_location="cpu", weights_only=False)[PROCESSOR_KEY])
     elif cfg.model.pretrained:
@@ -53,15 +54,7 @@ def to_container(section) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg = cli_config("vlm", argv, ALIASES)
-    from datamodules.schema import SchemaError
-    from envs import UnknownTaskError
-    from lightning_modules.training import RunError
-
-    try:
-        module, dm, ckpt = prepare(cfg)
-    except (FileNotFoundError, SchemaError, UnknownTaskError, RunError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    module, dm, ckpt = prepare(cfg)
     from pathlib import Path
 
     from lightning_modules.training import make_trainer
@@ -82,4 +75,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_entry_point(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from configs import CONFIG_DIR, ConfigError, _check_type, cli_config, load_config
+from configs import CONFIG_DIR, RANGES, ConfigError, UserError, _check_type, cli_config, entry_status, load_config
 
 DATA_ALIASES = {"TASKS": "tasks", "EPISODES": "episodes"}
 
@@ -125,11 +125,16 @@ def test_cli_config_ok(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("argv", [["env.imagesize=1"], ["episodes=abc"], ["EPISODE=3"], ["nokey"]])
+def data_main(argv):
+    cli_config("data", argv, {"EPISODES": "episodes"})
+    return 0
+
+
+@pytest.mark.parametrize("argv", [["env.imagesize=1"], ["episodes=abc"], ["EPISODE=3"], ["nokey"],
+                                  ["EPISODES=-3"], ["episodes=0"], ["env.image_size=-5"], ["workers=-1"],
+                                  ["seed_start=-1"], ["env.image_size=100000"]])
 def test_cli_config_bad_override_exits_2(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        cli_config("data", argv, {"EPISODES": "episodes"})
-    assert e.value.code == 2
+    assert entry_status(data_main, argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err
@@ -138,10 +143,41 @@ def test_cli_config_bad_override_exits_2(capsys, argv):
 
 
 def test_cli_config_unknown_name_exits_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_config("nope", [])
-    assert e.value.code == 2
+    assert entry_status(lambda argv: cli_config("nope", argv), []) == 2
     assert capsys.readouterr().err.startswith("error: no config 'nope'")
+
+
+def test_entry_status_reports_user_errors_and_keeps_bug_tracebacks(capsys):
+    def user_error(argv):
+        raise UserError("a bad thing\nsecond line")
+
+    def bug(argv):
+        raise ZeroDivisionError("a bug")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert entry_status(user_error, []) == 2
+    assert capsys.readouterr().err == "error: a bad thing\n"
+    with pytest.raises(ZeroDivisionError):
+        entry_status(bug, [])
+    assert entry_status(interrupted, []) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted")
+
+
+def test_every_range_names_a_key_of_some_config():
+    from omegaconf import OmegaConf
+
+    configs = [load_config(p.stem) for p in CONFIG_DIR.glob("*.yaml") if p.stem != "env"]
+    for key in RANGES:
+        assert any(OmegaConf.select(c, key, default=None) is not None for c in configs), key
+
+
+def test_ranges_accept_the_defaults_and_each_preset():
+    for p in CONFIG_DIR.glob("*.yaml"):
+        cfg = load_config(p.stem)  # raises ConfigError if a default were out of range
+        for preset in (CONFIG_DIR / p.stem).glob("*.yaml"):
+            load_config(p.stem, [f"preset={preset.stem}"])
 
 
 # ---------------------------------------------------------------------------- former bugs
@@ -157,14 +193,11 @@ def test_section_replaced_by_scalar_is_rejected():
 
 
 def test_cli_config_bad_value_prints_one_line(capsys):
-    with pytest.raises(SystemExit):
-        cli_config("data", ["env=[1,2]"])
+    assert entry_status(data_main, ["env=[1,2]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:")
     assert len(err.splitlines()) == 1, err
 
 
 def test_cli_config_bad_interpolation_exits_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_config("data", ["workers=${oops}"])
-    assert e.value.code == 2
+    assert entry_status(data_main, ["workers=${oops}"]) == 2

@@ -116,6 +116,9 @@ def test_kill_9_then_rerun_completes_without_duplicates(tmp_path):
     (["EPISODE=3"], "unknown variable EPISODE="),
     (["env.imagesize=3"], "valid keys here: ['backend', 'image_size']"),
     (["episodes=many"], "expected int"),
+    (["EPISODES=-3"], "episodes=-3 in data: must be >= 1"),
+    (["env.image_size=-5"], "env.image_size=-5 in data: must be in [16, 1024]"),
+    (["WORKERS=-2"], "workers=-2 in data: must be >= 0"),
 ])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
@@ -139,3 +142,59 @@ def test_foreign_files_are_rejected(tmp_path):
         f.attrs.update(format=schema.FORMAT, version=0)
     with pytest.raises(schema.SchemaError, match="version 0"):
         schema.open_index(tmp_path / "v0.h5")
+
+
+def _limit_file_size(limit: int):
+    """For a child process: files larger than ``limit`` bytes fail with EFBIG (as on a full disk)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_episode_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """The disk fills up in the middle of an episode file (ENOSPC from the HDF5 writer, after a
+    few datasets): the write raises OSError and leaves neither the episode nor its temporary file."""
+    import errno
+
+    from datamodules import generate
+
+    calls = {"n": 0}
+    create = h5py.Group.create_dataset
+
+    def create_until_full(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return create(self, *args, **kwargs)
+
+    generate._init_worker({"image_size": 32, "backend": "cpu"}, str(tmp_path))
+    try:
+        generate._worker_env("Topple")
+        monkeypatch.setattr(h5py.Group, "create_dataset", create_until_full)
+        with pytest.raises(OSError, match="No space left"):
+            generate.solve_and_write("Topple", 0)
+    finally:
+        for env in generate._WORKER_ENVS.values():
+            env.close()
+        generate._WORKER_ENVS.clear()
+    assert calls["n"] > 3
+    assert not list(tmp_path.rglob("seed_*"))
+
+
+def test_a_full_disk_stops_make_data_with_one_error_and_keeps_nothing_half_written(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), f"OUT={tmp_path}", "env.image_size=32", "TASKS=Topple", "EPISODES=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       preexec_fn=_limit_file_size(20_000))  # an episode file is larger than 20 kB
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Topple seed" in lines[0], r.stderr[-3000:]
+    assert "rerun the same command" in lines[0]
+    folder = tmp_path / "Topple"
+    assert not list(folder.glob("seed_*.h5"))  # nothing half-written under an episode's name
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    _generate(tmp_path, "TASKS=Topple", "EPISODES=2")  # with room again, the same command completes
+    with schema.open_index(tmp_path / "Topple.h5") as f:
+        assert list(f["episodes"]) == [schema.episode_name(0), schema.episode_name(1)]

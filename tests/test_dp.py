@@ -231,13 +231,55 @@ def test_train_dp_cli_trains_writes_logs_and_refuses_to_overwrite(data, tmp_path
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
+def test_sigkill_then_resume_auto_restores_step_ema_and_optimizer(data, tmp_path):
+    """kill -9 in the middle of `make train-dp`, then RESUME=auto: the run ends at the asked step
+    count, and the EMA and Adam states count every step (they were restored, not restarted)."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    common = [f"DATA={data}", f"DATASET={','.join(TASKS)}", f"OUT={out}", "data.num_workers=0",
+              "data.batch_size=8", "trainer.max_steps=40", "trainer.val_check_interval=5",
+              "val_sample_batches=0", "model.image_size=32", "model.resnet_width=8", "model.image_pool=avg",
+              "model.unet_channels=[32,64,128]", "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_dp.py"), *common], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            try:
+                step = torch.load(last, weights_only=False)["global_step"]
+            except Exception:  # being written
+                step = 0
+            if step >= 10:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 10 <= step < 40, step
+    r = run_cli(*common, "RESUME=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(last, weights_only=False)
+    assert ck["global_step"] == 40
+    assert ck["ema"]["optimization_step"] == 40
+    adam_steps = {float(v["step"]) for v in ck["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {40.0}
+
+
 @pytest.mark.parametrize("args, message", [
     (["CONDITIONING=codes"], "unknown conditioning"),
     (["PRESET=laptop"], "no preset 'laptop'"),
-    (["DATA=/nonexistent"], "missing dataset files"),
+    (["DATA=/nonexistent"], "no dataset folder /nonexistent"),
     (["DATASET=Juggle"], "Juggle"),
     (["model.widht=3"], "unknown config key"),
     (["RESUME=/nonexistent.ckpt"], "no such checkpoint"),
+    (["RESUME=" + str(ROOT / "README.md")], "is not a diffusion-policy checkpoint"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["model.image_size=-5"], "model.image_size=-5"),
 ])
 def test_train_dp_cli_bad_input(args, message, tmp_path):
     r = run_cli(f"OUT={tmp_path / 'x'}", *args, timeout=120)

@@ -156,6 +156,8 @@ ACCEPTED = [
     ("place-at-pose", "place(get_actor('red cube'), pose_dict['target'])"),
     ("push-direction", "push(get_actor('red cube'), direction='left', distance=0.1)"),
     ("push-towards", "push(get_actor('red cube'), towards=get_actor('blue cube'))"),
+    ("assign-offset", "pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.1)"),
+    ("push-towards-pose", "push(get_actor('red cube'), towards=pose_dict['goal'])"),
     ("topple", "topple(get_actor('red cylinder'))"),
     ("assign-get-pose", "pose_dict['red cube'] = get_pose(get_actor('red cube'))"),
     ("assign-free-space", "pose_dict['free'] = free_space(get_actor('red cube'))"),
@@ -193,6 +195,8 @@ def _rendered_lines() -> list[tuple[str, str]]:
         ("assign-get-pose", assign("red cube", call("get_pose", a))),
         ("assign-free-space", assign("free", call("free_space", a))),
         ("assign-next-to", assign("target", call("free_space_next_to", a, b, direction="behind"))),
+        ("assign-offset", assign("goal", call("offset_pose", a, direction="front", distance=0.1))),
+        ("push-towards-pose", call("push", a, towards=stored("goal"))),
         ("quote-in-name", call("pick", actor("o'brien's cube"))),
     ]
 

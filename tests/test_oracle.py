@@ -55,6 +55,31 @@ def test_place_next_to_stores_its_target_first(make_task_env):
     assert any("pose_dict['target']" in line for line in ep.key_lines[2:])
 
 
+def test_push_stores_its_goal_and_pushes_the_object_there(make_task_env):
+    env = make_task_env("Push")
+    ep = run_oracle(env, seed=5)
+    assert ep.success, ep.failure
+    direction = env.unwrapped.layout.params["direction"]
+    assert ep.key_lines[0] == (f"pose_dict['goal'] = offset_pose(get_actor('{env.unwrapped.layout.params['obj']}'), "
+                               f"direction='{direction}', distance=0.1)")
+    assert ep.key_lines[2].endswith("towards=pose_dict['goal'])")
+    start = np.array(env.unwrapped.layout.params["start"])
+    goal = np.array(ep.pose_dict["goal"][:2])
+    np.testing.assert_allclose(goal - start, envs.skills.DIRECTIONS[direction] * 0.1, atol=1e-3)
+    final = env.unwrapped.object_poses()[0, :2]
+    assert np.linalg.norm(final - goal) < 0.03  # the push ends at the stored goal
+
+
+@pytest.mark.parametrize("line", ["pose_dict['g'] = offset_pose(get_actor('{o}'), direction='up', distance=0.1)",
+                                  "pose_dict['g'] = offset_pose(get_actor('{o}'), direction='left', distance=0.5)",
+                                  "push(get_actor('{o}'), towards='{o}')"])
+def test_offset_pose_and_push_towards_refuse_bad_arguments(make_task_env, line):
+    env = make_task_env("Push")
+    env.reset(seed=0)
+    ep = run_code(env, [line.format(o=env.unwrapped.layout.params["obj"])], seed=0)
+    assert not ep.success and ep.failure
+
+
 def test_replaying_the_code_trace_reproduces_the_episode(make_task_env):
     env = make_task_env("PlaceNextTo")
     ep = run_oracle(env, seed=6)

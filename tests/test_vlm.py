@@ -265,10 +265,9 @@ def test_qlora_4bit_path_constructs_and_takes_a_step(processor, files, tmp_path)
 
 # ---------------------------------------------------------------------------- entry points
 def _run(main, argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
+    from configs import entry_status
+
+    rc = entry_status(main, argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
 

@@ -6,13 +6,14 @@ Queries run instantly and return values::
     get_pose(actor) -> Pose
     free_space(actor) -> Pose                # a free table spot for ``actor``
     free_space_next_to(actor, next_to_actor, direction='left') -> Pose
+    offset_pose(actor, direction='left', distance=0.1) -> Pose   # the actor's pose, moved
 
 Skills are closed-loop controllers that act until their own termination::
 
     move3d(target)                           # fly above an Actor or a Pose
     pick(actor)                              # suction-grasp and lift
     place(actor, target)                     # put the held actor on an Actor or at a Pose
-    push(actor, direction='left', distance=0.1) / push(actor, towards=actor)
+    push(actor, direction='left', distance=0.1) / push(actor, towards=actor_or_pose)
     topple(actor)                            # knock it (and what stands on it) over
     done()                                   # the task is finished
 
@@ -38,7 +39,7 @@ DIRECTIONS = {
     "front": np.array([1.0, 0.0]),
 }
 SKILLS = ("move3d", "pick", "place", "push", "topple", "done")
-QUERIES = ("get_actor", "get_pose", "free_space", "free_space_next_to")
+QUERIES = ("get_actor", "get_pose", "free_space", "free_space_next_to", "offset_pose")
 REACH_X = (-0.2, 0.17)  # table area the oracle uses for free-space targets
 REACH_Y = (-0.24, 0.24)
 
@@ -139,6 +140,19 @@ class SkillAPI:
                 return Pose((float(xy[0]), float(xy[1]), a.height / 2))
         raise CodeError(f"no free space {direction} of {b_name!r}")
 
+    def offset_pose(self, actor, direction="left", distance=0.1) -> Pose:
+        """The actor's pose moved ``distance`` m (in (0, 0.3]) towards ``direction`` on the table:
+        where a push in that direction takes it (the Push oracle stores it as its goal)."""
+        pose = self.get_pose(actor)
+        xy = np.array(pose.p[:2]) + self._direction(direction) * self._distance(distance)
+        return Pose((float(xy[0]), float(xy[1]), pose.p[2]), pose.q)
+
+    @staticmethod
+    def _distance(distance) -> float:
+        if not isinstance(distance, (int, float)) or isinstance(distance, bool) or not 0.0 < distance <= 0.3:
+            raise CodeError("distance must be a number in (0, 0.3] m")
+        return float(distance)
+
     # ------------------------------------------------------------------ skills
     def move3d(self, target) -> Skill:
         return Skill("move3d", C.move3d(self.motion, self._target_xy(target)))
@@ -163,6 +177,8 @@ class SkillAPI:
         if (direction is None) == (towards is None):
             raise CodeError("push needs exactly one of direction=... or towards=...")
         start = self.motion.xy(name)
+        if isinstance(towards, Pose):  # push until the object's centre is at the pose
+            return Skill("push", C.push(self.motion, name, np.array(towards.p[:2], dtype=np.float64)))
         if towards is not None:
             other = self._actor(towards, "towards").name
             if other == name:
@@ -172,9 +188,7 @@ class SkillAPI:
             length = float(np.linalg.norm(offset))
             goal = start + offset / max(length, 1e-6) * max(length - gap, 0.0)
             return Skill("push", C.push(self.motion, name, goal))
-        if not isinstance(distance, (int, float)) or isinstance(distance, bool) or not 0.0 < distance <= 0.3:
-            raise CodeError("distance must be a number in (0, 0.3] m")
-        return Skill("push", C.push(self.motion, name, start + self._direction(direction) * float(distance)))
+        return Skill("push", C.push(self.motion, name, start + self._direction(direction) * self._distance(distance)))
 
     def topple(self, actor) -> Skill:
         name = self._actor(actor, "actor").name

@@ -1,13 +1,25 @@
 """Push (L0): "Push the red cube to the left." One object.
 
 Success: the object moved at least 8 cm along the asked direction and still stands.
+
+The oracle stores the push's goal in ``pose_dict`` and pushes towards it, so that the push line
+names where the object goes (and so, which side the arm approaches from), as a position::
+
+    pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.1)
+    move3d(get_actor('red cube'))
+    push(get_actor('red cube'), towards=pose_dict['goal'])
+    done()
+
+Why (measured): with ``push(..., direction='left', distance=0.1)`` as the line, the state DP's
+first push chunk was the same for all four directions (it did not read the word) and Push under
+DP+Oracle succeeded 11/32; a ``pose_dict`` read becomes a target token the DP sees as a position.
 """
 
 import numpy as np
 
 from ..objects import sample_objects
 from ..skills.api import DIRECTIONS
-from ..skills.code import actor, call
+from ..skills.code import actor, assign, call, stored
 from ..tabletop import Layout, TabletopEnv
 from .common import on_table, xy
 from .registry import register_task
@@ -40,6 +52,7 @@ class Push(TabletopEnv):
 
     def oracle(self, api):
         p = self.layout.params
+        yield assign("goal", call("offset_pose", actor(p["obj"]), direction=p["direction"], distance=PUSH_DISTANCE))
         yield call("move3d", actor(p["obj"]))
-        yield call("push", actor(p["obj"]), direction=p["direction"], distance=PUSH_DISTANCE)
+        yield call("push", actor(p["obj"]), towards=stored("goal"))
         yield call("done")

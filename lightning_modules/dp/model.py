@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.errors import ConfigError
+
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
@@ -73,12 +75,12 @@ class DiffusionPolicyModel(nn.Module):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
-            raise ValueError(f"unknown observation {observation!r}; use one of {list(OBSERVATIONS)}")
+            raise ConfigError(f"unknown observation {observation!r}; use one of {list(OBSERVATIONS)}")
         self.observation = observation
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
         if observation == "rgb" and image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
-            raise ValueError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
+            raise ConfigError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
                              f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
         self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
         cameras = CAMERAS if observation == "rgb" else ()

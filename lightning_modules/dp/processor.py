@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.errors import ConfigError
+
 # conditioning mode -> (label set read from the HDF5 files, instruction source)
 CONDITIONING = {
     "code": "oracle",          # oracle code label of the step + cache info
@@ -27,7 +29,7 @@ CONDITIONING = {
 
 def check_conditioning(mode: str) -> str:
     if mode not in CONDITIONING:
-        raise ValueError(f"unknown conditioning {mode!r}; use one of {sorted(CONDITIONING)}")
+        raise ConfigError(f"unknown conditioning {mode!r}; use one of {sorted(CONDITIONING)}")
     return mode
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from configs.errors import ConfigError
+
 
 def _load(backend: str, name: str | None):
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel
@@ -30,7 +32,7 @@ def _load(backend: str, name: str | None):
     if backend == "t5":
         path = name or "google-t5/t5-small"
         return AutoTokenizer.from_pretrained(path), T5EncoderModel.from_pretrained(path)
-    raise ValueError(f"unknown text encoder {backend!r}; use 'minilm' or 't5'")
+    raise ConfigError(f"unknown text encoder {backend!r}; use 'minilm' or 't5'")
 
 
 class FrozenTextEncoder:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from configs.errors import ConfigError
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, channels // 16), channels)
@@ -66,7 +68,7 @@ class ResNet18GN(nn.Module):
     def __init__(self, out_dim: int = 512, width: int = 64, pool: str = "spatial_softmax", keypoints: int = 32):
         super().__init__()
         if pool not in self.POOLS:
-            raise ValueError(f"unknown image pool {pool!r}; pools: {list(self.POOLS)}")
+            raise ConfigError(f"unknown image pool {pool!r}; pools: {list(self.POOLS)}")
         w = width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(inplace=True),
                                   nn.MaxPool2d(3, 2, 1))

@@ -24,6 +24,8 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
                           CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           Phi3Config)
 
+from configs.errors import CheckpointError, ConfigError
+
 from .tokenizer import IMAGE
 
 META_FILE = "vlm.json"
@@ -165,7 +167,7 @@ def build_vlm(model_cfg, processor):
         model = apply_lora(model, model_cfg.lora, quantized=bool(model_cfg.load_in_4bit),
                            gradient_checkpointing=bool(model_cfg.gradient_checkpointing))
     elif model_cfg.load_in_4bit:
-        raise ValueError("model.load_in_4bit needs model.lora.enabled=true (QLoRA trains adapters only)")
+        raise ConfigError("model.load_in_4bit needs model.lora.enabled=true (QLoRA trains adapters only)")
     if model_cfg.gradient_checkpointing and not model_cfg.load_in_4bit:
         model.gradient_checkpointing_enable()
     return model
@@ -232,7 +234,7 @@ def load_vlm(folder, device: str = "cpu", dtype: str = "float32"):
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an exported VLM (no {META_FILE}); train one with "
+        raise CheckpointError(f"{folder} is not an exported VLM (no {META_FILE}); train one with "
                                 f"`make train-vlm`, which writes <out>/export")
     meta = json.loads(meta_path.read_text())
     processor = LlavaProcessor.from_pretrained(folder)

@@ -29,7 +29,9 @@ from omegaconf import OmegaConf
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from configs.errors import CheckpointError
 from datamodules.vqa import BBOX, CODE, PromptFormat
+from lightning_modules.training import read_checkpoint
 
 from .model import build_vlm, export_vlm
 
@@ -169,9 +171,9 @@ class VLMModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "VLMModule":
         """Rebuild a module from a Lightning checkpoint written by this class (no config needed)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_checkpoint(path, "VLM checkpoint (make train-vlm)")
         if PROCESSOR_KEY not in ckpt:
-            raise ValueError(f"{path} is not a VLM checkpoint (no stored processor)")
+            raise CheckpointError(f"{path} is not a VLM checkpoint (no stored processor; a DP's goes to DP=...)")
         hp = ckpt["hyper_parameters"]
         module = cls(hp["model_cfg"], hp["optim_cfg"], hp["inference_cfg"],
                      processor_from_files(ckpt[PROCESSOR_KEY]), hp.get("prompt_template", PromptFormat.template))

@@ -21,11 +21,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from configs.errors import UserError
 from datamodules import schema
 from datamodules.labels import is_key_step
 
 
-class RelabelError(ValueError):
+class RelabelError(UserError, ValueError):
     """Relabelling cannot start (labels from another VLM, ...); the message says why."""
 
 
