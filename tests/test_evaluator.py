@@ -87,6 +87,9 @@ def run_script(*args, timeout=300):
     (["POLICY=oracle", "TASKS=Nowhere"], "unknown task or level 'Nowhere'"),
     (["EPISODES=many"], "expected int"),
     (["POLICY=oracle", "WHATEVER=1"], "unknown variable WHATEVER="),
+    (["POLICY=oracle", "EPISODES=-1"], "episodes=-1 in eval: must be >= 1"),
+    (["POLICY=flat_dp", f"DP={ROOT / 'README.md'}"], "is not a diffusion-policy checkpoint"),
+    (["POLICY=vlm_oracle", f"VLM={ROOT / 'configs'}"], "is not an exported VLM"),
 ])
 def test_eval_script_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
     proc = run_script(*args, f"OUT={tmp_path / 'out'}")
@@ -112,3 +115,22 @@ def test_eval_script_writes_tables_tensorboard_and_videos(tmp_path):
     assert acc.Scalars("eval/success/mean")[0].value == 1.0
     gif = acc.Images("eval/video/Topple/seed100000")[0].encoded_image_string
     assert gif[:6] == b"GIF89a"
+
+
+def test_kill_9_during_eval_then_rerun_gives_complete_results_without_duplicates(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "eval"
+    args = ["POLICY=oracle", "TASKS=Topple", "EPISODES=4", "WORKERS=0", "env.image_size=32", f"OUT={out}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    time.sleep(12)  # loading and the first episodes
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = run_script(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = (out / "episodes.csv").read_text().strip().splitlines()[1:]
+    assert sorted(r.split(",")[1] for r in rows) == [str(100000 + i) for i in range(4)]  # each seed once
+    assert (out / "results.csv").read_text().splitlines()[1].startswith("Topple,4,4,")

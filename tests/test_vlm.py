@@ -342,6 +342,24 @@ def test_train_resume_export_and_relabel(data, tmp_path, capsys):
     rc, _, err = _run(relabel_dp.main, [*argv[:2], f"VLM={out}/checkpoints/last.ckpt", "progress=false"], capsys)
     assert rc == 2 and "overwrite=true" in err  # labels of another VLM are not replaced silently
 
+    # kill -9 in the middle of a relabel into a new label set, then the same command again: every
+    # episode holds the complete labels once, and no temporary file is left
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cmd = [sys.executable, str(ROOT / "scripts" / "relabel_dp.py"), *argv, "label_set=vlm_b"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(10)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rc, stdout, err = _run(relabel_dp.main, [*argv, "label_set=vlm_b"], capsys)
+    assert rc == 0, err
+    relabelled = OracleStepDataset(files, label_set="vlm_b", load_images=False)
+    assert [e.length for e in relabelled.episodes] == [e.length for e in oracle.episodes]
+    assert not list(data.rglob("*.tmp"))
+
     # a failing write leaves the episode file as it was, and no temporary file
     ep = episodes_of(files[0])[0]
     before = _digest(ep.path)
