@@ -12,7 +12,7 @@ kind        policy                                       needs         options
 ==========  ===========================================  ============  =====================
 oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
-vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, device
+vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, query_every_step, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
 dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, device
 ==========  ===========================================  ============  =====================
@@ -41,7 +41,8 @@ _CHUNKING = {"n_action_steps", "horizon"}
 OPTIONS = {
     "oracle": set(),
     "flat_dp": _CHUNKING | {"device"},
-    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "device"},
+    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
+                           "device"},
     "vlm_oracle": {"constrain_objects", "device"},
     "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "device"},
 }
@@ -123,7 +124,7 @@ def build_policy(spec: PolicySpec):
     if spec.kind == "vlm_dp":
         from .vlm_dp import VLMDP
 
-        hold = {"keystep_on_hold": bool(opts.pop("keystep_on_hold"))} if "keystep_on_hold" in opts else {}
+        hold = {k: bool(opts.pop(k)) for k in ("keystep_on_hold", "query_every_step") if k in opts}
         return VLMDP(vlm, dp, **hold, **chunking)
     if spec.kind == "vlm_oracle":
         from .vlm_oracle import VLMOracle

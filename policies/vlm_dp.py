@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 
 from configs.errors import ConfigError
-from datamodules.labels import POSE_DICT_ASSIGNMENT
+from datamodules.labels import POSE_DICT_ASSIGNMENT, commented
 from envs.skills import CodeError, Interpreter, SkillAPI
 
 from .base import Policy, PolicyFailure, scene_objects
@@ -152,14 +152,26 @@ class VLMDP(ChunkedDP):
     from the image alone that a subtask is over. Why: a DP that completes its line and holds
     leaves a still image, and the VLM, trained on one key-step frame per subtask against many
     frames of the running one, kept naming the running line (measured, README).
+
+    ``query_every_step`` (default True, the paper): the VLM is queried at every control step.
+    With False (not in the paper) the DP paces the plan, as a skill paces VLM+Oracle: while its
+    line runs (its chunks do not end in holds) the VLM is not queried and the instruction is the
+    running line commented out; when the line ends, the VLM gets the key-step request. After
+    ``max_line_steps`` steps of one line it is asked anyway. Why: the VLM named the next line
+    from the image before the DP had finished the running one (e.g. ``place`` while the held
+    object was still moving towards the target, so the DP released it in the air; measured,
+    README). It also saves most VLM queries.
     """
 
     kind = "vlm_dp"
 
-    def __init__(self, planner, dp, keystep_on_hold: bool = True, **chunking):
+    def __init__(self, planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
+                 max_line_steps: int = 100, **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
+        self.query_every_step = bool(query_every_step)
+        self.max_line_steps = int(max_line_steps)
 
     def reset_instructions(self, prompt: str) -> None:
         self.planner.reset(prompt, objects=scene_objects(self.env))
@@ -168,17 +180,27 @@ class VLMDP(ChunkedDP):
         self.vlm_early_stops = 0
         self.keystep_requests = 0
         self.pose_errors = 0
+        self.running = ""  # the last key-step line, and how many steps it has run
+        self.line_steps = 0
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = self.planner.cache_info  # read before the query: ExtractMemoryInfo(M_t)
-        if self.keystep_on_hold and self.line_done and not self.queue:
+        line_over = self.line_done and not self.queue
+        if not self.query_every_step and self.running and not line_over and self.line_steps < self.max_line_steps:
+            self.line_steps += 1  # the DP's line runs on; the VLM is not asked
+            return commented(self.running), False, cache_info
+        if (self.keystep_on_hold and line_over) or not self.query_every_step:
             self.line_done = False
             self.keystep_requests += 1
             step = self.planner.next_key_step(observation["base_rgb"])
         else:
             step = self.planner.step(observation["base_rgb"])
+        if step.new_key_step:
+            self.running, self.line_steps = step.line, 1
+        else:
+            self.line_steps += 1
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)

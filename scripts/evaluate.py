@@ -20,7 +20,7 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
-           "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold"}
+           "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold", "QUERY_EVERY_STEP": "policy_options.query_every_step"}
 
 
 def policy_spec(cfg):

@@ -146,6 +146,32 @@ def test_vlm_is_asked_for_the_next_key_step_when_the_dp_ends_its_line(on_hold):
     assert policy.stats()["keystep_requests"] == expected.count("key")
 
 
+def test_without_per_step_queries_the_dp_paces_the_plan():
+    """query_every_step=False: the VLM is asked (with the key-step request) only at the start
+    and when the DP's line is over; in between the DP gets the running line commented out."""
+    lines = [f"move3d(get_actor('cube {i}'))" for i in range(6)]
+    planner = LoggingPlanner(lines)
+    dp = HoldingDP(horizon=8, n_action_steps=4)
+    policy = VLMDP(planner, dp, query_every_step=False)
+    rollout(policy, 10)
+    # chunk 0 (t = 0..3) ends its line -> key request at t = 4; chunk 1 (t = 4..7) does not end
+    # it, so t = 5..7 run without the VLM; chunk 2 at t = 8 (the queue is empty, same line)
+    assert planner.log == ["key", "key"]
+    assert [c[0] for c in dp.calls] == [lines[0], lines[1], commented(lines[1])]
+    assert policy.stats()["keystep_requests"] == 2 and policy.key_steps == 2
+
+    class MovingDP(CountingDP):  # never holds: its line never ends
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            chunk = super().predict_action_chunk(observation, instruction, cache_info)
+            chunk[:, :3] = 0.3
+            return chunk
+
+    planner = LoggingPlanner(lines)
+    policy = VLMDP(planner, MovingDP(horizon=8, n_action_steps=4), query_every_step=False, max_line_steps=5)
+    rollout(policy, 12)
+    assert planner.log == ["key", "key", "key"]  # at t = 0, 5 and 10: max_line_steps reached
+
+
 def test_without_regeneration_chunks_run_blindly_for_n_action_steps():
     dp = CountingDP(horizon=8, n_action_steps=3)
     policy = VLMDP(ScriptedPlanner(script({0, 5, 6, 11}, 14)), dp, regenerate_on_keystep=False)
