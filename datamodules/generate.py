@@ -33,6 +33,9 @@ _WORKER_CFG: dict = {}
 
 
 def _init_worker(env_cfg: dict, out: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: running episodes finish, atomically
     _WORKER_CFG.update(env=env_cfg, out=out)
 
 
@@ -94,9 +97,13 @@ def generate(cfg, tasks: list[str], progress: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(env_cfg, str(out))) as pool:
-        for task in tasks:
-            manifest["tasks"][task] = _generate_task(pool, workers, cfg, out, task, progress, tqdm)
-            schema.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        try:
+            for task in tasks:
+                manifest["tasks"][task] = _generate_task(pool, workers, cfg, out, task, progress, tqdm)
+                schema.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # no new seeds start
+            raise
     return manifest
 
 
@@ -123,42 +130,46 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
     start, new_steps, new_eps = time.time(), 0, 0
     todo = (s for s in range(first, last) if s not in ok and s not in failed)
     running = {}
-    while True:
-        while len(running) < workers and not complete():
-            seed = next(todo, None)
-            if seed is None:
+    try:
+        while True:
+            while len(running) < workers and not complete():
+                seed = next(todo, None)
+                if seed is None:
+                    break
+                if len([s for s in ok if s < seed]) >= target:
+                    break  # enough successes below this seed
+                running[pool.submit(solve_and_write, task, seed)] = seed
+            if not running:
                 break
-            if len([s for s in ok if s < seed]) >= target:
-                break  # enough successes below this seed
-            running[pool.submit(solve_and_write, task, seed)] = seed
-        if not running:
-            break
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for fut in done:
-            seed = running.pop(fut)
-            try:
-                _, seed, success, reason, steps = fut.result()
-            except BrokenProcessPool:  # killed: out of memory, a file-size limit, a signal
-                bar.close()
-                raise DataWriteError(
-                    f"a worker died abruptly on {task} seed {seed} (out of memory, a file-size limit or a "
-                    f"signal); rerun the same command: the {len(ok)} episodes already written are kept") from None
-            except OSError as e:  # a full disk, a quota, permissions: the episode file was not written
-                bar.close()
-                raise DataWriteError(
-                    f"cannot write {task} seed {seed} under {out}: {e}; free space (or fix the folder) and "
-                    f"rerun the same command: the {len(ok)} episodes already written are kept") from None
-            new_eps += 1
-            new_steps += steps
-            if success:
-                ok.add(seed)
-            else:
-                failed[seed] = reason
-            bar.n = min(len(kept()), target)
-            hours = max(time.time() - start, 1e-6) / 3600
-            tried = len(ok) + len(failed)
-            bar.set_postfix(success=f"{len(ok) / max(tried, 1):.0%}", eps_per_h=f"{new_eps / hours:.0f}")
-            bar.refresh()
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                seed = running.pop(fut)
+                try:
+                    _, seed, success, reason, steps = fut.result()
+                except BrokenProcessPool:  # killed: out of memory, a file-size limit, a signal
+                    bar.close()
+                    raise DataWriteError(
+                        f"a worker died abruptly on {task} seed {seed} (out of memory, a file-size limit or a "
+                        f"signal); rerun the same command: the {len(ok)} episodes already written are kept") from None
+                except OSError as e:  # a full disk, a quota, permissions: the episode file was not written
+                    bar.close()
+                    raise DataWriteError(
+                        f"cannot write {task} seed {seed} under {out}: {e}; free space (or fix the folder) and "
+                        f"rerun the same command: the {len(ok)} episodes already written are kept") from None
+                new_eps += 1
+                new_steps += steps
+                if success:
+                    ok.add(seed)
+                else:
+                    failed[seed] = reason
+                bar.n = min(len(kept()), target)
+                hours = max(time.time() - start, 1e-6) / 3600
+                tried = len(ok) + len(failed)
+                bar.set_postfix(success=f"{len(ok) / max(tried, 1):.0%}", eps_per_h=f"{new_eps / hours:.0f}")
+                bar.refresh()
+    except KeyboardInterrupt:
+        bar.close()  # the error line comes after the bar, not under it
+        raise
     bar.close()
     seeds = kept()
     schema.write_index(out / f"{task}.h5", task, seeds)

@@ -69,6 +69,18 @@ def resolve_resume(cfg: DictConfig, marker: str | None = None, what: str = "chec
     return str(path)
 
 
+def fit(trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> None:
+    """``trainer.fit``; a Ctrl-C (which Lightning turns into a graceful stop and ``exit(1)``)
+    becomes ``KeyboardInterrupt`` again, so the entry point reports it as an interruption (exit
+    130). The last checkpoint is kept: ``RESUME=auto`` continues."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def make_trainer(cfg: DictConfig, *, monitor: str = "val/loss", callbacks=()) -> L.Trainer:
     """A Trainer for ``cfg`` (see the module docstring); ``callbacks`` are added to the defaults."""
     out = Path(cfg.out)

@@ -316,8 +316,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(spec: PolicySpec, env_cfg: dict, threads: int) -> None:
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it cancels the rest)
     torch.set_num_threads(threads)
     _WORKER.update(policy=build_policy(spec), **env_cfg)
 
@@ -396,9 +399,13 @@ def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, progress:
             _progress(len(jobs), progress, f"rollouts ({workers} workers)") as bar:
         futures = [pool.submit(_worker_episode, *job) for job in jobs]
         outcomes = []
-        for fut in futures:  # in job order: results do not depend on completion order
-            outcomes.append(fut.result())
-            bar.update()
+        try:
+            for fut in futures:  # in job order: results do not depend on completion order
+                outcomes.append(fut.result())
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # the running episodes end, no new ones start
+            raise
     return outcomes
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     import lightning as L
 
-    from lightning_modules.training import make_trainer, resolve_resume
+    from lightning_modules.training import fit, make_trainer, resolve_resume
 
     resume = resolve_resume(cfg, "ema", "diffusion-policy checkpoint (make train-dp)")
     module, datamodule = build(cfg)
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     print(to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
     trainer = make_trainer(cfg, monitor="val/loss", callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    fit(trainer, module, datamodule, resume)
     if trainer.is_global_zero:
         path = module.export_policy(Path(cfg.out) / "policy.pt")
         print(f"\nwrote {path} (EMA weights), checkpoints in {cfg.out}/checkpoints, "

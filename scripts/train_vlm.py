@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     module, dm, ckpt = prepare(cfg)
     from pathlib import Path
 
-    from lightning_modules.training import make_trainer
+    from lightning_modules.training import fit, make_trainer
 
     print(to_yaml(cfg))
     n_train, n_val = len(dm.train_set), len(dm.val_set)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
           f"vocabulary {len(module.processor.tokenizer)}; "
           f"{sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters")
     trainer = make_trainer(cfg, monitor="val/loss")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    fit(trainer, module, dm, ckpt)
     if trainer.is_global_zero:
         export = module.export(Path(cfg.out) / "export")
         metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

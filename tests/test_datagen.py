@@ -198,3 +198,22 @@ def test_a_full_disk_stops_make_data_with_one_error_and_keeps_nothing_half_writt
     _generate(tmp_path, "TASKS=Topple", "EPISODES=2")  # with room again, the same command completes
     with schema.open_index(tmp_path / "Topple.h5") as f:
         assert list(f["episodes"]) == [schema.episode_name(0), schema.episode_name(1)]
+
+
+def test_ctrl_c_is_one_error_line_exit_130_and_the_same_command_resumes(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), f"OUT={tmp_path}", "env.image_size=32", "TASKS=Topple", "EPISODES=5"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    folder = tmp_path / "Topple"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (folder.is_dir() and list(folder.glob("seed_*.h5"))):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    _generate(tmp_path, "TASKS=Topple", "EPISODES=5")
+    with schema.open_index(tmp_path / "Topple.h5") as f:
+        assert len(f["episodes"]) == 5

@@ -260,6 +260,18 @@ def test_sigkill_then_resume_auto_restores_step_ema_and_optimizer(data, tmp_path
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 10 <= step < 40, step
+    r = run_cli(*common, "RESUME=auto", "trainer.max_steps=25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Ctrl-C during the rest (steps 25-40): exit 130 with one error line, and resumable
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_dp.py"), *common, "RESUME=auto"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(20)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:  # (0: it had already finished its 40 steps)
+        assert proc.returncode == 130, err[-3000:]
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
     r = run_cli(*common, "RESUME=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(last, weights_only=False)

@@ -61,11 +61,11 @@ def test_push_stores_its_goal_and_pushes_the_object_there(make_task_env):
     assert ep.success, ep.failure
     direction = env.unwrapped.layout.params["direction"]
     assert ep.key_lines[0] == (f"pose_dict['goal'] = offset_pose(get_actor('{env.unwrapped.layout.params['obj']}'), "
-                               f"direction='{direction}', distance=0.12)")
+                               f"direction='{direction}', distance=0.1)")
     assert ep.key_lines[2].endswith("towards=pose_dict['goal'])")
     start = np.array(env.unwrapped.layout.params["start"])
     goal = np.array(ep.pose_dict["goal"][:2])
-    np.testing.assert_allclose(goal - start, envs.skills.DIRECTIONS[direction] * 0.12, atol=1e-3)
+    np.testing.assert_allclose(goal - start, envs.skills.DIRECTIONS[direction] * 0.1, atol=1e-3)
     final = env.unwrapped.object_poses()[0, :2]
     assert np.linalg.norm(final - goal) < 0.03  # the push ends at the stored goal
 

@@ -1,13 +1,13 @@
 """Push (L0): "Push the red cube to the left." One object.
 
 Success: the object moved at least 8 cm along the asked direction and still stands. The oracle
-pushes 12 cm: a 4 cm margin for an imitator (measured: a learned policy stops its push a few cm
-early or late; with a 10 cm oracle push, 2 cm of margin, DP+Oracle pushed 15/32 far enough).
+pushes 10 cm. (A 12 cm push with 200 episodes per task was measured and did not help the learned
+policies: DP+Oracle Push 14/32 against 15/32; README.)
 
 The oracle stores the push's goal in ``pose_dict`` and pushes towards it, so that the push line
 names where the object goes (and so, which side the arm approaches from), as a position::
 
-    pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.12)
+    pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.1)
     move3d(get_actor('red cube'))
     push(get_actor('red cube'), towards=pose_dict['goal'])
     done()
@@ -27,7 +27,7 @@ from .common import on_table, xy
 from .registry import register_task
 
 PHRASES = {"left": "to the left", "right": "to the right", "behind": "towards the robot", "front": "towards the camera"}
-PUSH_DISTANCE = 0.12  # m the oracle pushes
+PUSH_DISTANCE = 0.1  # m the oracle pushes
 SUCCESS_DISTANCE = 0.08
 
 
@@ -38,8 +38,8 @@ class Push(TabletopEnv):
         direction = str(rng.choice(sorted(DIRECTIONS)))
         d = DIRECTIONS[direction]
         # start where the push stays on the table and the approach stays reachable
-        x = rng.uniform(-0.08, 0.08) - 0.07 * d[0]
-        y = rng.uniform(-0.12, 0.12) - 0.07 * d[1]
+        x = rng.uniform(-0.08, 0.08) - 0.06 * d[0]
+        y = rng.uniform(-0.12, 0.12) - 0.06 * d[1]
         pose = (x, y, obj.height / 2, float(rng.uniform(-np.pi, np.pi)))
         return Layout([obj], [pose], {"obj": obj.name, "direction": direction, "start": (x, y)})
 
