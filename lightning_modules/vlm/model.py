@@ -230,7 +230,7 @@ def export_vlm(model, processor, folder, meta: dict | None = None) -> Path:
 
 
 def load_vlm(folder, device: str = "cpu", dtype: str = "float32"):
-    """(model, processor, meta) from an ``export_vlm`` folder; FileNotFoundError if it is not one."""
+    """(model, processor, meta) from an ``export_vlm`` folder; CheckpointError if it is not one."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
