@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from . import schema
+from .generate import scan
 from .labels import is_key_step
 
 
@@ -110,16 +111,14 @@ def check_dataset(folder, tasks: list[str] | None = None, *, decode_images: bool
     problems: list[Problem] = []
     for index in index_files(folder, tasks):
         task = index.stem
-        linked: set[int] = set()
         try:
-            with schema.open_index(index) as f:
-                task = str(f.attrs["task"])
-                linked = {int(n[5:]) for n in f["episodes"]}
+            linked = _linked_seeds(index)
         except schema.SchemaError as e:
+            linked = set()
             problems.append(Problem(task, None, index, str(e)))
         episode_dir = index.parent / task
-        on_disk = {int(p.stem[5:]): p for p in episode_dir.glob("seed_*.h5")} if episode_dir.is_dir() else {}
-        seeds = sorted(linked | set(on_disk))
+        on_disk = scan(episode_dir)[0]
+        seeds = sorted(linked | on_disk)
         counts[task] = len(seeds)
         items = seeds
         if progress:
@@ -152,8 +151,7 @@ def repair(folder, problems: list[Problem]) -> list[Path]:
             moved.append(dest)
     bad = {(p.task, p.seed) for p in problems}
     for task in sorted({p.task for p in problems}):
-        episode_dir = folder / task
-        on_disk = {int(q.stem[5:]) for q in episode_dir.glob("seed_*.h5")} if episode_dir.is_dir() else set()
+        on_disk = scan(folder / task)[0]
         seeds = _indexed_seeds(folder, task)
         seeds = on_disk if seeds is None else seeds & on_disk
         schema.write_index(folder / f"{task}.h5", task, sorted(s for s in seeds if (task, s) not in bad))
@@ -163,11 +161,15 @@ def repair(folder, problems: list[Problem]) -> list[Path]:
 def _indexed_seeds(folder: Path, task: str) -> set[int] | None:
     """The seeds the task's index links, else those its manifest lists, else None."""
     try:
-        with schema.open_index(folder / f"{task}.h5") as f:
-            return {int(n[5:]) for n in f["episodes"]}
+        return _linked_seeds(folder / f"{task}.h5")
     except schema.SchemaError:
         seeds = schema.read_manifest(folder).get("tasks", {}).get(task, {}).get("seeds")
         return set(seeds) if seeds is not None else None
+
+
+def _linked_seeds(index: Path) -> set[int]:
+    with schema.open_index(index) as f:
+        return {int(n[5:]) for n in f["episodes"]}
 
 
 def repair_command(folder) -> str:

@@ -147,12 +147,10 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
                 try:
                     _, seed, success, reason, steps = fut.result()
                 except BrokenProcessPool:  # killed: out of memory, a file-size limit, a signal
-                    bar.close()
                     raise DataWriteError(
                         f"a worker died abruptly on {task} seed {seed} (out of memory, a file-size limit or a "
                         f"signal); rerun the same command: the {len(ok)} episodes already written are kept") from None
                 except OSError as e:  # a full disk, a quota, permissions: the episode file was not written
-                    bar.close()
                     raise DataWriteError(
                         f"cannot write {task} seed {seed} under {out}: {e}; free space (or fix the folder) and "
                         f"rerun the same command: the {len(ok)} episodes already written are kept") from None
@@ -167,10 +165,8 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
                 tried = len(ok) + len(failed)
                 bar.set_postfix(success=f"{len(ok) / max(tried, 1):.0%}", eps_per_h=f"{new_eps / hours:.0f}")
                 bar.refresh()
-    except KeyboardInterrupt:
-        bar.close()  # the error line comes after the bar, not under it
-        raise
-    bar.close()
+    finally:
+        bar.close()  # also before an error: its line comes after the bar, not under it
     seeds = kept()
     schema.write_index(out / f"{task}.h5", task, seeds)
     if seeds:
