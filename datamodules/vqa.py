@@ -20,6 +20,12 @@ At inference a key-step that greedy decoding missed at its exact frame otherwise
 planner in states it never saw in training (the image shows call j running, the memory ends at
 call j-1), and a small model then repeats the commented old line for the rest of the episode.
 
+Optional, not in the paper (``keystep_request_repeat``, default 1): each key-step sample asked
+with the key-step request appears that many times. Requests are always answered with a key-step
+line, so this adds weight to the lines that carry the plan's arguments (a Push's direction is
+written once per episode, in its first line) without teaching the unrequested mode to emit
+key-steps eagerly.
+
 Frames are subsampled: every key-step frame, plus a seeded ``intermediate_fraction`` of the other
 frames, which carry the importance weight 1 / intermediate_fraction in the loss, so that the
 model still learns the true share of key-step frames (about 1 in 8) and does not emit key-steps
@@ -132,9 +138,12 @@ class VQADataset(Dataset):
 
     def __init__(self, files, select=None, code_fraction: float = 0.5, intermediate_fraction: float = 0.5,
                  keystep_request: bool = True, grid: int = 10, negatives: int = 1, seed: int = 0,
-                 label_set: str = "oracle", max_items: int = 0, missed_keystep_fraction: float = 0.0):
+                 label_set: str = "oracle", max_items: int = 0, missed_keystep_fraction: float = 0.0,
+                 keystep_request_repeat: int = 1):
         if not 0 < code_fraction <= 1:
             raise ConfigError(f"code_fraction must be in (0, 1], got {code_fraction}")
+        if keystep_request_repeat < 1:
+            raise ConfigError(f"keystep_request_repeat must be >= 1, got {keystep_request_repeat}")
         self.steps = OracleStepDataset(files, label_set=label_set, select=select, load_images=False)
         self.grid, self.negatives = int(grid), int(negatives)
         self.seed = int(seed)
@@ -148,7 +157,7 @@ class VQADataset(Dataset):
             w = 1.0 / intermediate_fraction if intermediate_fraction > 0 else 1.0
             code += [Item(CODE, e, t, weight=1.0 if is_key_step(ep.labels[t]) else w) for t in keep]
             if keystep_request:
-                code += [Item(CODE, e, t, request=True) for t in ep.key_t]
+                code += [Item(CODE, e, t, request=True) for t in ep.key_t for _ in range(keystep_request_repeat)]
             if missed_keystep_fraction > 0:
                 code += [Item(CODE, e, t, missed=True) for t in keep
                          if not is_key_step(ep.labels[t]) and rng.random() < missed_keystep_fraction]
@@ -193,8 +202,12 @@ class VQADataset(Dataset):
             rng = np.random.default_rng([self.seed, it.episode, it.t, it.qa])
             qa = vqa_samples(names, g["obs/bboxes"][it.t], image.shape[1], rng, n=self.grid,
                              negatives=self.negatives)
-            q, a = qa[it.qa % len(qa)]
-            out.update(question=grounding_question(q), answer=a, key_step=False)
+            if qa:
+                q, a = qa[it.qa % len(qa)]
+                out.update(question=grounding_question(q), answer=a, key_step=False)
+            else:  # no object visible in this frame (imported data): the frame's code sample instead
+                out["question"], out["answer"] = self._code_qa(Item(CODE, it.episode, it.t))
+                out.update(kind=CODE, key_step=is_key_step(out["answer"]))
         return out
 
     def _code_qa(self, it: Item) -> tuple[str, str]:
@@ -302,9 +315,11 @@ class VQADataModule(L.LightningDataModule):
                   intermediate_fraction=float(data_cfg.intermediate_fraction),
                   keystep_request=bool(data_cfg.keystep_request), grid=int(data_cfg.grid),
                   missed_keystep_fraction=float(data_cfg.missed_keystep_fraction),
+                  keystep_request_repeat=int(data_cfg.get("keystep_request_repeat", 1)),
                   negatives=int(data_cfg.negatives), seed=int(data_cfg.seed))
         self.train_set = VQADataset(self.files, select=lambda task, seed: (task, seed) in train, **kw)
-        kw.update(intermediate_fraction=float(data_cfg.val_intermediate_fraction), missed_keystep_fraction=0.0)
+        kw.update(intermediate_fraction=float(data_cfg.val_intermediate_fraction), missed_keystep_fraction=0.0,
+                  keystep_request_repeat=1)
         self.val_set = VQADataset(self.files, select=lambda task, seed: (task, seed) in val,
                                   max_items=int(data_cfg.val_max_items), **kw) if val else None
         if len(self.train_set) == 0:

@@ -16,7 +16,7 @@ import torch
 from configs.errors import CheckpointError
 from lightning_modules.dp.model import DiffusionPolicyModel
 from lightning_modules.dp.module import POLICY_FORMAT
-from lightning_modules.dp.state import state_sample
+from lightning_modules.dp.state import LEGACY_TARGET_FEATURES, state_sample
 from lightning_modules.training import read_checkpoint
 
 
@@ -60,6 +60,8 @@ class DiffusionPolicy:
         if "obs_skip" not in config:  # ... and whether FiLM sees the observation tokens
             film_in = state["unet.mid.0.film.1.weight"].shape[1] - state["unet.step_embed.3.weight"].shape[0]
             config["obs_skip"] = film_in != config.get("n_queries", 1) * state["obs_type"].shape[1]
+        if "target_object_offset" not in config and "state.targets.0.weight" in state:  # older state DPs
+            config["target_object_offset"] = state["state.targets.0.weight"].shape[1] != LEGACY_TARGET_FEATURES
         model = DiffusionPolicyModel(**config)
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))

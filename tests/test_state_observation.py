@@ -12,7 +12,7 @@ from datamodules import schema
 from datamodules.dataset import OracleStepDataset, dataset_files
 from datamodules.dp_datamodule import DiffusionPolicyDataModule
 from lightning_modules.dp.module import DiffusionPolicyModule
-from lightning_modules.dp.state import MAX_OBJECTS, mention_roles, pose_reads, state_sample
+from lightning_modules.dp.state import MAX_OBJECTS, StateTokens, mention_roles, pose_reads, state_sample
 from policies.diffusion_policy import DiffusionPolicy
 
 TASKS = ["PlaceNextTo", "Push"]
@@ -107,6 +107,28 @@ def test_conditioning_depends_on_object_poses_roles_and_targets(data):
     assert cond.shape == (1, (1 + 2 + 4) * TINY_STATE["d_model"])
     for other in (moved, retarget, renamed):
         assert float((cond - other).norm() / cond.norm()) > 0.01
+
+
+def test_target_tokens_carry_the_offset_from_the_named_object(data):
+    """A target's features: position, offset from the TCP, offset from the role-1 object (zero
+    when the text names no object); a model built without the offset (older checkpoints) drops it."""
+    module, dm = make_module(data)
+    batch = torch.utils.data.default_collate([dm.train_set[i] for i in range(2)])
+    names = [n.split("\n") for n in batch["object_names"]]
+    keys = [k.split("\n") for k in batch["pose_keys"]]
+    text = f"place(get_actor('{names[0][1]}'), pose_dict['{keys[0][0]}'])"
+    tcp = torch.tensor([[0.1, -0.2, 0.3]] * 2)
+    pose = batch["object_pose"].float()
+    state = module.model.state
+    first = torch.tensor([[False, True] + [False] * (MAX_OBJECTS - 2), [False] * MAX_OBJECTS])
+    anchor = (pose[..., :3] * first[..., None]).sum(1)
+    feats, mask = state._targets(batch, [text, text.replace(names[0][1], "nothing")], tcp, anchor, first.any(1))
+    p = batch["pose_values"][0, 0].float()
+    assert mask[0, 0] and not mask[0, 1]
+    assert torch.allclose(feats[0, 0], torch.cat([p, p - tcp[0], p - pose[0, 1, :3]]) * 10.0)
+    assert torch.equal(feats[1, 0, 6:], torch.zeros(3))  # no object named: no offset
+    legacy = StateTokens(16, module.model.text.dim, object_offset=False)
+    assert legacy.targets[0].in_features == 6 and state.targets[0].in_features == 9
 
 
 def test_state_policy_acts_through_dp_oracle_in_the_simulator(data, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from configs.errors import CheckpointError
+from configs.errors import CheckpointError, ConfigError
 from datamodules.dataset import OracleStepDataset, dataset_files
 from datamodules.grounding import grid_cell
 from datamodules.labels import is_key_step, memories
@@ -195,6 +195,14 @@ def test_code_and_bbox_samples_match_the_labels(files):
     code = [it for it in some.items if it.kind == CODE]
     weighted_key_share = sum(it.weight for it in code if it.weight == 1.0) / sum(it.weight for it in code)
     assert abs(weighted_key_share - n_key / len(steps)) < 0.1
+    # repeated key-step requests: each request sample k times, nothing else changes
+    repeated = VQADataset(files, intermediate_fraction=1.0, keystep_request_repeat=3)
+    requests = [(it.episode, it.t) for it in repeated.items if it.request]
+    assert len(requests) == 3 * n_key and len(set(requests)) == n_key
+    assert sum(it.kind == CODE and not it.request for it in repeated.items) == len(steps)
+    assert all(repeated[i]["key_step"] for i, it in enumerate(repeated.items) if it.request)
+    with pytest.raises(ConfigError):
+        VQADataset(files, keystep_request_repeat=0)
 
 
 def test_split_by_episode(files):

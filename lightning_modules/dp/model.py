@@ -2,9 +2,9 @@
 
 Observation tokens, each of width ``d_model``:
   one per camera (a GroupNorm ResNet-18 per camera, trained from scratch), one for
-  proprioception (qpos, qvel, tcp pose: 21), one for the suction state (2), and the frozen text
-  encoder's token states of the instruction and of the cache info (encoded separately, each with
-  its own learned type embedding).
+  proprioception (qpos, qvel, tcp pose: 21 on our Panda; ``proprio_dim`` comes from the data), one
+  for the suction state (2), and the frozen text encoder's token states of the instruction and of
+  the cache info (encoded separately, each with its own learned type embedding).
 Attention pooling: ``n_queries`` learned query tokens go through ``pool_blocks`` transformer
 decoder blocks (self-attention among queries, cross-attention to the observation tokens with a
 padding mask), giving the pooled vector (B, n_queries * d_model). With ``obs_skip`` (default)
@@ -23,9 +23,9 @@ the positions that the instruction's ``pose_dict`` reads refer to; FiLM then see
 suction, the objects named first and second, and the two targets.
 
 Batch keys: ``base_rgb``, ``wrist_rgb`` (B, 3, H, W) uint8 (``rgb``) or the state keys of
-``state.state_sample`` (``state``); ``proprio`` (B, 21); ``suction`` (B, 2); for training
-``actions`` (B, horizon, 7); and the strings the conditioning mode reads (``instruction``,
-``cache_info`` or ``prompt``; see ``processor.conditioning_texts``).
+``state.state_sample`` (``state``); ``proprio`` (B, ``proprio_dim``: 21 for our data); ``suction``
+(B, 2); for training ``actions`` (B, horizon, 7); and the strings the conditioning mode reads
+(``instruction``, ``cache_info`` or ``prompt``; see ``processor.conditioning_texts``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .text import FrozenTextEncoder
 CAMERAS = ("base_rgb", "wrist_rgb")
 OBSERVATIONS = ("rgb", "state")
 TCP_POSITION = slice(14, 17)  # in proprio: qpos (7), qvel (7), tcp_pose (7)
-PROPRIO_DIM, SUCTION_DIM, ACTION_DIM = 21, 2, 7
+PROPRIO_DIM, SUCTION_DIM, ACTION_DIM = 21, 2, 7  # PROPRIO_DIM: our Panda; ``proprio_dim`` sets another
 
 
 class AttentionPooling(nn.Module):
@@ -71,7 +71,8 @@ class DiffusionPolicyModel(nn.Module):
                  obs_skip: bool = True, d_model: int = 128, n_heads: int = 4,
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
-                 text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10):
+                 text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
+                 target_object_offset: bool = True, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -82,11 +83,15 @@ class DiffusionPolicyModel(nn.Module):
         if observation == "rgb" and image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
             raise ConfigError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
                              f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
-        self.normalizer = Normalizer(ACTION_DIM, PROPRIO_DIM)
+        # proprio = qpos, qvel, tcp_pose (7): its width comes from the data (train_dp.build: 21 for
+        # our Panda, 29 for ClevrSkills' xArm6 + vacuum); checkpoints without it are 21 wide
+        self.proprio_dim = int(proprio_dim)
+        self.tcp_position = slice(self.proprio_dim - 7, self.proprio_dim - 4)
+        self.normalizer = Normalizer(ACTION_DIM, self.proprio_dim)
         cameras = CAMERAS if observation == "rgb" else ()
         self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool)
                                       for c in cameras})
-        self.proprio = nn.Linear(PROPRIO_DIM, d_model)
+        self.proprio = nn.Linear(self.proprio_dim, d_model)
         self.suction = nn.Linear(SUCTION_DIM, d_model)
         n_obs = len(cameras) + 2
         self.obs_type = nn.Parameter(torch.randn(n_obs, d_model) * 0.02)
@@ -96,7 +101,8 @@ class DiffusionPolicyModel(nn.Module):
         if conditioning != "none":
             self.lang_proj = nn.Linear(self.text.dim, d_model)
             self.lang_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # instruction, cache info
-        self.state = StateTokens(d_model, self.text.dim) if observation == "state" else None
+        self.state = (StateTokens(d_model, self.text.dim, target_object_offset)
+                      if observation == "state" else None)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
         n_skip = n_obs + (N_SKIP if self.state is not None else 0)
@@ -132,7 +138,7 @@ class DiffusionPolicyModel(nn.Module):
             self.text.to(tokens.device)
         if self.state is not None:
             state, state_pad, state_skip = self.state(batch, None if texts is None else texts[0],
-                                                      proprio[:, TCP_POSITION], self.text)
+                                                      proprio[:, self.tcp_position], self.text)
             tokens, pad = torch.cat([tokens, state], 1), torch.cat([pad, state_pad], 1)
             skip = torch.cat([skip, state_skip], 1)
         if texts is not None:
