@@ -3,9 +3,10 @@
 ``check_dataset`` opens every episode file of every task index in a dataset folder and reports
 what is wrong with each: a file that does not open (truncated, foreign), a wrong format or
 version, missing arrays, lengths that disagree with ``num_steps``, images that do not decode,
-code labels that do not parse. ``repair`` moves the bad episode files to ``quarantine/<Task>/``
-and rewrites the task's index without them, so that the next ``make data`` with the same
-settings regenerates exactly those seeds.
+code labels that do not parse (in the label sets written in our API's notation: see
+``schema.label_notation``). ``repair`` moves the bad episode files to ``quarantine/<Task>/`` and
+rewrites the task's index without them, so that the next ``make data`` with the same settings
+regenerates exactly those seeds.
 
 Training runs the quick form (``decode_images=False, parse_labels=False``: opening and shapes,
 about a millisecond per episode) before its first step, through ``datamodules.dataset.dataset_files``,
@@ -82,6 +83,8 @@ def check_episode(path: Path, *, decode_images: bool = True, parse_labels: bool 
             if parse_labels:
                 parser = parser or _parser()
                 for label_set in g["labels"]:
+                    if schema.label_notation(g[f"labels/{label_set}"]) != schema.API_NOTATION:
+                        continue  # e.g. ClevrSkills' coarse notation: text, not our API
                     for t, line in enumerate(g[f"labels/{label_set}/code"].asstr()[:]):
                         if is_key_step(line):
                             try:

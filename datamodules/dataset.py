@@ -185,6 +185,34 @@ class OracleStepDataset(Dataset):
         return sample
 
 
+def resolve_dataset_tasks(spec, folder) -> list[str]:
+    """Task names of ``spec`` for a dataset folder: our suite's tasks and levels
+    (``envs.resolve_tasks``), plus any other name whose index file ``<folder>/<name>.h5`` exists
+    (imported data keeps ClevrSkills' names where the suite has no such task, e.g. ``Touch``)."""
+    import envs
+
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    names: list[str] = []
+    for item in items:
+        for part in str(item).replace("+", ",").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part not in envs.TASKS and part not in envs.LEVELS and part != "all" \
+                    and (Path(folder) / f"{part}.h5").is_file():
+                found = [part]
+            else:
+                try:
+                    found = envs.resolve_tasks(part)
+                except envs.UnknownTaskError as e:
+                    raise envs.UnknownTaskError(f"{e}; nor is there a task index file "
+                                                f"{Path(folder) / part}.h5") from None
+            names += [n for n in found if n not in names]
+    if not names:
+        raise envs.UnknownTaskError(f"no task selected by {spec!r}")
+    return names
+
+
 def dataset_files(folder, tasks: list[str], check: bool = True) -> list[Path]:
     """Index files of ``tasks`` in a dataset folder; a clear error names what is missing. With
     ``check`` every episode file is opened and its shapes checked first (``datamodules.check``,

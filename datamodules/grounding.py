@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+# obs/bboxes of an object that is not visible in the base image (imported ClevrSkills data, whose
+# boxes come with a visibility flag): all four coordinates are NOT_VISIBLE. Our own simulator's
+# boxes are projected meshes and never carry it.
+NOT_VISIBLE = -1.0
+
+
+def is_visible(box) -> bool:
+    """False for the ``NOT_VISIBLE`` sentinel box (x1 and y1 below zero)."""
+    return bool(box[2] >= 0 and box[3] >= 0)
+
 
 def grid_cell(box, image_size: int, n: int = 10) -> tuple[int, int]:
     """Grid cell (column x, row y) of a pixel box [x0, y0, x1, y1] in an image_size image."""
@@ -30,9 +40,12 @@ def location_answer(cell: tuple[int, int]) -> str:
 
 def vqa_samples(names: list[str], boxes: np.ndarray, image_size: int, rng, n: int = 10,
                 negatives: int = 1) -> list[tuple[str, str]]:
-    """(question, answer) pairs for one frame: per object a location question, a positive
-    presence question, and ``negatives`` presence questions at cells holding no object."""
-    cells = [grid_cell(b, image_size, n) for b in boxes]
+    """(question, answer) pairs for one frame: per visible object a location question, a positive
+    presence question, and ``negatives`` presence questions at cells holding no object. Objects
+    whose box is the ``NOT_VISIBLE`` sentinel get no question (the list may be empty)."""
+    kept = [(name, b) for name, b in zip(names, boxes) if is_visible(b)]
+    names = [name for name, _ in kept]
+    cells = [grid_cell(b, image_size, n) for _, b in kept]
     out = []
     for name, cell in zip(names, cells):
         out.append((location_question(name), location_answer(cell)))

@@ -25,6 +25,9 @@ READABLE_VERSIONS = (1, 2)  # version 1 lacks obs/object_pose, objects/radius an
 RGB_KEYS = ("base_rgb", "wrist_rgb")
 LOW_DIM_KEYS = ("qpos", "qvel", "tcp_pose", "suction", "bboxes", "object_pose")
 STR = h5py.string_dtype("utf-8")
+# A label set's ``notation`` attribute: absent or API_NOTATION = lines of our skill API (parsed by
+# envs.skills.Interpreter); anything else (ClevrSkills' converter notation) is text only.
+API_NOTATION = "code2action-api"
 
 
 class SchemaError(UserError, ValueError):
@@ -37,12 +40,15 @@ def episode_name(seed: int) -> str:
 
 def write_episode(path: Path, episode, observations: dict[str, np.ndarray], labels: list[str],
                   key_steps: list[bool], success_per_step: np.ndarray, objects,
-                  pose_dict: dict | None = None) -> None:
+                  pose_dict: dict | None = None, extra=None) -> None:
     """Atomically write one episode file (``path`` appears complete or not at all).
 
     ``observations``: stacked arrays (T, ...) as in ``envs.tabletop.observation_arrays``;
     ``labels``: per-step code (key-step plain, later steps commented); ``objects``: specs;
-    ``pose_dict``: key -> position (3,) the oracle stored (``labels/oracle/pose_keys|pose_values``).
+    ``pose_dict``: key -> position (3,) the oracle stored (``labels/oracle/pose_keys|pose_values``);
+    ``extra``: optional callable given the ``/episode`` group before the file is closed, to add
+    attributes, datasets or label sets (the ClevrSkills importer's robot attributes and second
+    label set); what it writes is just as atomic as the rest.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -61,20 +67,36 @@ def write_episode(path: Path, episode, observations: dict[str, np.ndarray], labe
                 obs.create_dataset(k, data=observations[k].astype(np.float32))
             g.create_dataset("actions", data=np.asarray(episode.actions, dtype=np.float32))
             g.create_dataset("success", data=np.asarray(success_per_step, dtype=bool))
-            lab = g.create_group("labels/oracle")
-            lab.create_dataset("code", data=np.array(labels, dtype=object), dtype=STR)
-            lab.create_dataset("key_step", data=np.asarray(key_steps, dtype=bool))
-            write_pose_dict(lab, pose_dict or {})
+            write_label_set(g, "oracle", labels, key_steps, pose_dict)
             o = g.create_group("objects")
             o.create_dataset("name", data=np.array([s.name for s in objects], dtype=object), dtype=STR)
             o.create_dataset("shape", data=np.array([s.shape for s in objects], dtype=object), dtype=STR)
             o.create_dataset("colour", data=np.array([s.colour for s in objects], dtype=object), dtype=STR)
             o.create_dataset("height", data=np.array([s.height for s in objects], dtype=np.float32))
             o.create_dataset("radius", data=np.array([s.radius for s in objects], dtype=np.float32))
+            if extra is not None:
+                extra(g)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_label_set(episode_group, name: str, labels: list[str], key_steps: list[bool],
+                    pose_dict: dict | None = None, **attrs):
+    """Create ``labels/<name>`` in an ``/episode`` group: ``code`` (T,) str, ``key_step`` (T,) bool,
+    the ``pose_dict`` datasets, and ``attrs`` as its attributes (e.g. ``notation``). Returns it."""
+    lab = episode_group.create_group(f"labels/{name}")
+    lab.create_dataset("code", data=np.array(labels, dtype=object), dtype=STR)
+    lab.create_dataset("key_step", data=np.asarray(key_steps, dtype=bool))
+    write_pose_dict(lab, pose_dict or {})
+    lab.attrs.update(attrs)
+    return lab
+
+
+def label_notation(label_group) -> str:
+    """The notation of a ``labels/<name>`` group (``API_NOTATION`` when it does not say)."""
+    return str(label_group.attrs.get("notation", API_NOTATION))
 
 
 def write_pose_dict(group, pose_dict: dict) -> None:

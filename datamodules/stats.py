@@ -40,11 +40,19 @@ def compute_stats(index_path: Path) -> dict:
 
 
 def load_stats(index_paths) -> dict[str, dict[str, np.ndarray]]:
-    """Combined statistics of several task files (pooled mean/std, global min/max)."""
+    """Combined statistics of several task files (pooled mean/std, global min/max); a
+    :class:`~datamodules.schema.SchemaError` when their widths differ (different robots)."""
+    index_paths = list(index_paths)
     per_file = []
     for p in index_paths:
         sp = stats_path(p)
         per_file.append(json.loads(sp.read_text()) if sp.exists() else compute_stats(p))
+    for k in STAT_KEYS:  # e.g. our Panda (qpos 7) and ClevrSkills' xArm6 (qpos 11) in one training
+        widths = {len(s[k]["mean"]) for s in per_file if k in s}
+        if len(widths) > 1:
+            raise schema.SchemaError(f"{k} has different widths {sorted(widths)} across "
+                                     f"{[str(p) for p in index_paths]}: datasets of different robots cannot be "
+                                     f"normalised (or trained) together")
     out = {}
     for k in STAT_KEYS:
         parts = [s[k] for s in per_file if k in s]

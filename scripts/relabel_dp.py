@@ -18,15 +18,14 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from configs import MissingInputError
-    from datamodules.dataset import dataset_files
-    from envs import resolve_tasks
+    from datamodules.dataset import dataset_files, resolve_dataset_tasks
     from lightning_modules.vlm.relabel import plan, relabel, summary, vlm_identity
     from policies.vlm_planner import VLMPlanner
 
     if not Path(cfg.vlm).exists():
         raise MissingInputError(f"VLM={cfg.vlm}: no such exported VLM folder or checkpoint; "
                                 f"train one with `make train-vlm` (it writes <out>/export)")
-    files = dataset_files(cfg.data_dir, resolve_tasks(cfg.tasks))
+    files = dataset_files(cfg.data_dir, resolve_dataset_tasks(cfg.tasks, cfg.data_dir))
     todo, _ = plan(files, cfg.label_set, vlm_identity(cfg.vlm), bool(cfg.overwrite))
     overrides = {} if cfg.early_stop_k is None else {"early_stop_k": int(cfg.early_stop_k)}
     planner = VLMPlanner.from_pretrained(cfg.vlm, device=cfg.device, **overrides) if todo else None

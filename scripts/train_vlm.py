@@ -18,15 +18,14 @@ def prepare(cfg):
     import torch
 
     from configs import ConfigError
-    from datamodules.dataset import dataset_files
+    from datamodules.dataset import dataset_files, resolve_dataset_tasks
     from datamodules.vqa import PromptFormat, VQADataModule
-    from envs import resolve_tasks
     from lightning_modules.training import resolve_resume
     from lightning_modules.vlm.model import pretrained_processor, tiny_processor
     from lightning_modules.vlm.module import PROCESSOR_KEY, VLMModule, processor_from_files
     from lightning_modules.vlm.tokenizer import train_tokenizer
 
-    files = dataset_files(cfg.data_dir, resolve_tasks(cfg.tasks))
+    files = dataset_files(cfg.data_dir, resolve_dataset_tasks(cfg.tasks, cfg.data_dir))
     ckpt = resolve_resume(cfg, PROCESSOR_KEY, "VLM checkpoint (make train-vlm)")
     fmt = PromptFormat(cfg.prompt_template)
     dm = VQADataModule(cfg.data, files, fmt=fmt, max_length=cfg.model.max_length)

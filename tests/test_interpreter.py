@@ -191,6 +191,7 @@ def _rendered_lines() -> list[tuple[str, str]]:
         ("push-direction", call("push", a, direction="left", distance=0.123456)),
         ("push-towards", call("push", a, towards=b)),
         ("topple", call("topple", actor("red cylinder"))),
+        ("touch", call("touch", a, push=True)),  # ClevrSkills' Touch (imported labels only)
         ("done", call("done")),
         ("assign-get-pose", assign("red cube", call("get_pose", a))),
         ("assign-free-space", assign("free", call("free_space", a))),

@@ -15,6 +15,7 @@ Skills are closed-loop controllers that act until their own termination::
     place(actor, target)                     # put the held actor on an Actor or at a Pose
     push(actor, direction='left', distance=0.1) / push(actor, towards=actor_or_pose)
     topple(actor)                            # knock it (and what stands on it) over
+    touch(actor, push=False)                 # ClevrSkills' touch: parsed in imported labels, not run here
     done()                                   # the task is finished
 
 ``pose_dict['key'] = <query>`` remembers a pose for later lines (it holds still one step).
@@ -38,7 +39,7 @@ DIRECTIONS = {
     "behind": np.array([-1.0, 0.0]),
     "front": np.array([1.0, 0.0]),
 }
-SKILLS = ("move3d", "pick", "place", "push", "topple", "done")
+SKILLS = ("move3d", "pick", "place", "push", "topple", "touch", "done")
 QUERIES = ("get_actor", "get_pose", "free_space", "free_space_next_to", "offset_pose")
 REACH_X = (-0.2, 0.17)  # table area the oracle uses for free-space targets
 REACH_Y = (-0.24, 0.24)
@@ -195,6 +196,12 @@ class SkillAPI:
         # push away from the robot base: the arm never reaches over the falling column
         away = self.motion.xy(name) - np.array([-0.615, 0.0])
         return Skill("topple", C.topple(self.motion, name, away))
+
+    def touch(self, actor, push=False) -> Skill:
+        """ClevrSkills' touch (its Touch task, ``make import-clevrskills``): a valid line of imported
+        labels, but this suite has no Touch task and no touch controller, so running it is a CodeError."""
+        self._actor(actor, "actor")
+        raise CodeError("touch(...) labels ClevrSkills' Touch task; this simulator has no touch skill")
 
     def done(self) -> Skill:
         return Skill("done", self.motion.hold(1))

@@ -1,0 +1,1 @@
+"""ClevrSkills' released trajectory format -> our HDF5 schema (``make import-clevrskills``)."""
