@@ -32,13 +32,13 @@ MAKE_OWN_VARS := PY PYTHON VENV PYTEST_ARGS TB_PORT XDG_RUNTIME_DIR HF_HUB_OFFLI
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 ARGS = $(strip $(subst @@SP@@,\ ,$(call reverse,$(filter-out $(addsuffix =%,$(MAKE_OWN_VARS)),$(subst \ ,@@SP@@,$(MAKEOVERRIDES))))))
 
-.PHONY: help install test test-all demo data check-data train-vlm train-dp eval relabel-dp \
-        tensorboard bench clean distclean runtime-dir
+.PHONY: help install test test-all demo data check-data import-clevrskills export-llava train-vlm train-dp eval \
+        relabel-dp tensorboard bench clean distclean runtime-dir
 
 help: ## list the targets (default)
 	@echo "usage: make TARGET [NAME=value ...] [key.sub=value ...]"
 	@echo
-	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-19s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
 	@echo
 	@echo "examples:"
 	@echo "  make data TASKS=PlaceOnTop EPISODES=10 env.image_size=64"
@@ -74,13 +74,19 @@ data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (
 check-data: install runtime-dir ## verify a dataset's episode files: scripts/check_data.py (DATA= [TASKS=] [REPAIR=1] moves bad ones to quarantine/)
 	$(PY) scripts/check_data.py $(ARGS)
 
+import-clevrskills: install runtime-dir ## ClevrSkills trajectory folders to our schema: scripts/import_clevrskills.py (SRC= OUT= [LEVEL=fine|coarse] [WORKERS=])
+	$(PY) scripts/import_clevrskills.py $(ARGS)
+
+export-llava: install runtime-dir ## LLaVA conversation JSON + images of a dataset: scripts/export_llava.py (DATA= OUT= [LABELS=oracle|...])
+	$(PY) scripts/export_llava.py $(ARGS)
+
 train-vlm: install runtime-dir ## train the code VLM: scripts/train_vlm.py (DATASET= DATA= PRESET=cpu|paper RESUME= OUT= STEPS= key=value)
 	$(PY) scripts/train_vlm.py $(ARGS)
 
 train-dp: install runtime-dir ## train the diffusion policy: scripts/train_dp.py (DATASET= DATA= CONDITIONING= PRESET=cpu|paper RESUME= OUT= key=value)
 	$(PY) scripts/train_dp.py $(ARGS)
 
-eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= OUT= REGENERATE= N_ACTION_STEPS= key=value)
+eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= ENVS_PER_WORKER= OUT= REGENERATE= N_ACTION_STEPS= key=value)
 	$(PY) scripts/evaluate.py $(ARGS)
 
 relabel-dp: install runtime-dir ## store VLM instructions as labels/vlm in the DP data: scripts/relabel_dp.py (DATASET= DATA= VLM= key=value)

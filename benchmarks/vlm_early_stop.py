@@ -5,11 +5,15 @@
 
 Recorded episodes (the last seeds of each task: held out by ``make train-vlm``) are replayed
 through a trained VLM in VLM + DP mode (``VLMPlanner.step`` at every frame, closed loop on its
-own memory) under four settings: neither, early stopping only, prefix cache only, both. Per
-setting: tokens decoded per step, prompt tokens run through the model per step (prefill), wall
-time per step (one thread), the share of early-stopped steps, the share of lines equal to those
-of the plain setting and to the oracle labels, and the number of key-step lines generated (a
-planner that never leaves the first call would stop early everywhere: compare with the oracle's). Without ``--vlm`` it uses ``outputs/vlm/cpu/export`` or, if there is
+own memory) under five settings: neither, early stopping only, prefix cache only, both (these
+four with the reference decoding, one library forward pass per token), and both with the fast
+queries of ``policies.vlm_planner`` (the default: drafts verified in the prefill pass, lean
+forward passes, incremental prefix, vision reuse). Per setting: tokens decoded per step, decoder
+forward passes per step, prompt tokens run through the model per step (prefill), wall time per
+step (one thread), the share of early-stopped steps, the share of lines equal to those of the
+plain setting and to the oracle labels, and the number of key-step lines generated (a planner
+that never leaves the first call would stop early everywhere: compare with the oracle's).
+Without ``--vlm`` it uses ``outputs/vlm/cpu/export`` or, if there is
 none, trains a cpu-preset VLM briefly (``scripts/train_vlm.py``; with ``--quick`` so briefly that
 the figures only show that the pipeline runs). Without the data folder it
 generates a few 64 px episodes in a temporary folder. Ends with
@@ -24,8 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = (("plain", False, False), ("early stop", True, False), ("prefix cache", False, True),
-            ("early stop + cache", True, True))
+SETTINGS = (("plain", False, False, False), ("early stop", True, False, False), ("prefix cache", False, True, False),
+            ("early stop + cache", True, True, False), ("early stop + fast queries", True, True, True))
 
 
 def ensure_data(folder: str | None, tasks: list[str], tmp: str) -> Path:
@@ -83,7 +87,8 @@ def replay(planner, eps) -> dict:
             steps += 1
     s = planner.stats
     return {"steps": steps, "tokens": s.tokens / steps, "prefill": s.prefill_tokens / steps,
-            "ms": 1000 * times / steps, "early": s.early_stops / steps, "lines": lines}
+            "forwards": s.forwards / steps, "ms": 1000 * times / steps, "early": s.early_stops / steps,
+            "lines": lines}
 
 
 def main() -> None:
@@ -113,12 +118,12 @@ def main() -> None:
         eps = episodes(data, tasks, 1 if args.quick else args.episodes)
     replay(planner, eps[:1])  # warm-up
     rows = {}
-    for name, early, cache in SETTINGS:
-        planner.early_stop_k, planner.use_prefix_cache = (k_default if early else 0), cache
+    for name, early, cache, fast in SETTINGS:
+        planner.early_stop_k, planner.use_prefix_cache, planner.fast = (k_default if early else 0), cache, fast
         rows[name] = replay(planner, eps)
     sweep = {}
     if not args.quick:
-        planner.use_prefix_cache = True
+        planner.use_prefix_cache, planner.fast = True, False
         for k in (1, 2, 4, 8, 16, 32):
             planner.early_stop_k = k
             sweep[k] = replay(planner, eps)
@@ -127,22 +132,25 @@ def main() -> None:
     n_key = sum(is_key_step(x) for x in oracle)
     print(f"VLM {vlm}, {len(eps)} episodes ({', '.join(tasks)}), {base['steps']} control steps "
           f"({n_key} oracle key-steps), early_stop_k={k_default}, one CPU thread")
-    print(f"{'setting':<26}{'tokens/step':>12}{'prefill/step':>13}{'ms/step':>9}{'early':>7}{'same line':>10}"
-          f"{'= oracle':>9}{'key-steps':>10}")
+    print(f"{'setting':<27}{'tokens/step':>12}{'forwards':>9}{'prefill/step':>13}{'ms/step':>9}{'early':>7}"
+          f"{'same line':>10}{'= oracle':>9}{'key-steps':>10}")
 
     def row(name, r):
         same = sum(a == b for a, b in zip(r["lines"], base["lines"])) / len(base["lines"])
         agree = sum(a == b for a, b in zip(r["lines"], oracle)) / len(oracle)
         keys = sum(is_key_step(x) for x in r["lines"])
-        print(f"{name:<26}{r['tokens']:>12.2f}{r['prefill']:>13.1f}{r['ms']:>9.1f}{r['early']:>7.0%}{same:>10.1%}"
-              f"{agree:>9.1%}{keys:>10}")
+        print(f"{name:<27}{r['tokens']:>12.2f}{r['forwards']:>9.2f}{r['prefill']:>13.1f}{r['ms']:>9.1f}"
+              f"{r['early']:>7.0%}{same:>10.1%}{agree:>9.1%}{keys:>10}")
 
     for name, r in rows.items():
         row(name, r)
     for k, r in sweep.items():
         row(f"early stop k={k} + cache", r)
     ratio = rows["early stop + cache"]["tokens"] / base["tokens"]
-    print(f"wall time ratio {rows['early stop + cache']['ms'] / base['ms']:.2f}; "
+    fast = rows["early stop + fast queries"]
+    print(f"wall time ratio {rows['early stop + cache']['ms'] / base['ms']:.2f} "
+          f"(fast queries {fast['ms'] / base['ms']:.2f}, the same lines as early stop + cache: "
+          f"{fast['lines'] == rows['early stop + cache']['lines']}); "
           f"prefill ratio {rows['early stop + cache']['prefill'] / base['prefill']:.2f}")
     print(f"token_ratio={ratio:.3f}")
 

@@ -10,7 +10,8 @@ Every ``every_n_val_epochs`` validation runs (sanity checks excluded) the callba
    of its own per rank, for the DP policies (``flat_dp``, ``vlm_dp`` with a given ``vlm``
    checkpoint, ``dp_oracle``); ``oracle`` and ``vlm_oracle`` evaluate without the module;
 2. runs :func:`policies.evaluator.evaluate` on this rank's shard of the fixed seeds
-   (``seeds[rank::world_size]``), in-process (``workers=0``) or in spawned workers;
+   (``seeds[rank::world_size]``), in-process (``workers=0``) or in spawned workers, with
+   ``envs_per_worker`` environments per process whose VLM and DP calls go as batches;
 3. all-reduces the per-task counts (successes, episodes, steps) and a failure flag over the
    ranks, so that every rank logs the same numbers: ``rollout/success/<task>``,
    ``rollout/success/mean``, ``rollout/episode_length/mean``, ``rollout/episodes`` and
@@ -48,24 +49,26 @@ class RolloutEvaluation(L.Callback):
     :mod:`policies.spec`. ``vlm``: VLM checkpoint for ``vlm_dp`` / ``vlm_oracle``. ``options``:
     policy options (``n_action_steps``, ``horizon``, ``regenerate_on_keystep``, ``device``:
     default the module's device). ``image_size`` must match the policy's training images.
+    ``envs_per_worker``: environments per evaluating process (``make eval ENVS_PER_WORKER=``).
     """
 
     def __init__(self, tasks="L0", *, policy: str = "flat_dp", vlm: str | None = None, episodes: int = 16,
                  every_n_val_epochs: int = 1, seed_start: int = DEFAULT_SEED_START, workers: int = 0,
-                 image_size: int = 128, backend: str = "auto", max_steps: int | None = None,
+                 envs_per_worker: int = 1, image_size: int = 128, backend: str = "auto", max_steps: int | None = None,
                  video_episodes: int = 1, options: dict | None = None, fps: int = 20):
         from envs import resolve_tasks
 
         if policy not in KINDS:
             raise ConfigError(f"unknown rollout policy {policy!r}; policies: {sorted(KINDS)}")
-        if every_n_val_epochs < 1 or episodes < 1:
-            raise ConfigError("every_n_val_epochs and episodes must be >= 1")
+        if every_n_val_epochs < 1 or episodes < 1 or envs_per_worker < 1:
+            raise ConfigError("every_n_val_epochs, episodes and envs_per_worker must be >= 1")
         self.tasks = resolve_tasks(tasks)
         self.kind = policy
         self.vlm = vlm
         self.seeds = evaluation_seeds(episodes, seed_start)
         self.every = int(every_n_val_epochs)
         self.workers, self.image_size, self.backend = int(workers), int(image_size), backend
+        self.envs_per_worker = int(envs_per_worker)
         self.max_steps, self.video_episodes, self.fps = max_steps, int(video_episodes), int(fps)
         self.options = dict(options or {})
         self.needs_dp = KINDS[policy][0]
@@ -140,7 +143,8 @@ class RolloutEvaluation(L.Callback):
             options.setdefault("device", str(pl_module.device))
             dp = pl_module.export_policy(self.folder / f"policy_rank{trainer.global_rank}.pt")
         spec = PolicySpec(self.kind, dp=str(dp) if dp else None, vlm=self.vlm, options=options)
-        return evaluate(spec, self.tasks, seeds=self.seeds, workers=self.workers, image_size=self.image_size,
+        return evaluate(spec, self.tasks, seeds=self.seeds, workers=self.workers,
+                        envs_per_worker=self.envs_per_worker, image_size=self.image_size,
                         backend=self.backend, max_steps=self.max_steps, video_episodes=self.video_episodes,
                         rank=trainer.global_rank, world_size=trainer.world_size)
 

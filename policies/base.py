@@ -6,6 +6,7 @@ An episode, as the evaluator runs it::
     policy.reset(task, prompt)          # task name, natural-language task prompt
     while not policy.finished and t < cap:
         action = policy.act(observation)    # observation: envs.tabletop.observation_arrays(obs)
+        # (policies.episodes.run_batched steps B policies at once, through policy.act_steps)
         obs, ... = env.step(action)         # action: (7,) float32 in [-1, 1]
 
 ``observation`` is the dict of numpy arrays of :func:`envs.tabletop.observation_arrays`
@@ -59,6 +60,13 @@ class Policy:
     def act(self, observation: dict) -> np.ndarray:
         """One (7,) float32 action for the current observation."""
         raise NotImplementedError
+
+    def act_steps(self, observation: dict):
+        """The step of :meth:`act` as a generator that yields its model calls and returns the
+        action (:mod:`policies.batching` serves the calls of B policies as batches). This default
+        makes no model calls that can be batched: it acts at once."""
+        return self.act(observation)
+        yield  # unreachable: makes this a generator
 
     def stats(self) -> dict[str, float]:
         """Per-episode counters (chunks generated, chunks dropped, VLM queries, ...)."""

@@ -16,7 +16,7 @@ import torch
 from configs.errors import CheckpointError
 from lightning_modules.dp.model import DiffusionPolicyModel
 from lightning_modules.dp.module import POLICY_FORMAT
-from lightning_modules.dp.state import LEGACY_TARGET_FEATURES, state_sample
+from lightning_modules.dp.state import BASE_TARGET_FEATURES, state_sample
 from lightning_modules.training import read_checkpoint
 
 
@@ -60,8 +60,8 @@ class DiffusionPolicy:
         if "obs_skip" not in config:  # ... and whether FiLM sees the observation tokens
             film_in = state["unet.mid.0.film.1.weight"].shape[1] - state["unet.step_embed.3.weight"].shape[0]
             config["obs_skip"] = film_in != config.get("n_queries", 1) * state["obs_type"].shape[1]
-        if "target_object_offset" not in config and "state.targets.0.weight" in state:  # older state DPs
-            config["target_object_offset"] = state["state.targets.0.weight"].shape[1] != LEGACY_TARGET_FEATURES
+        if "target_object_offset" not in config and "state.targets.0.weight" in state:  # state DPs saved before the option
+            config["target_object_offset"] = state["state.targets.0.weight"].shape[1] != BASE_TARGET_FEATURES
         model = DiffusionPolicyModel(**config)
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))
@@ -102,3 +102,33 @@ class DiffusionPolicy:
         ``scene``: see :meth:`batch` (state observation only)."""
         chunk = self.model.sample(self.batch(observation, instruction, cache_info, scene), generator=self.generator)
         return chunk[0].cpu().numpy().astype(np.float32)
+
+    def fork(self) -> "DiffusionPolicy":
+        """A policy for another episode on the same network (shared weights, its own noise
+        stream), e.g. one per environment of a batch (:meth:`predict_many`)."""
+        return DiffusionPolicy(self.model, n_action_steps=self.n_action_steps, device=str(self.device), seed=self.seed)
+
+    @staticmethod
+    @torch.no_grad()
+    def predict_many(policies: list["DiffusionPolicy"], observations: list[dict], instructions: list[str],
+                     cache_infos: list[str], scenes: list[dict | None]) -> list[np.ndarray]:
+        """One chunk per policy as one batch: ``(horizon, 7)`` float32 each. ``policies`` share
+        one network (:meth:`fork`); each row's initial noise comes from its own policy's
+        generator, drawn as :meth:`predict_action_chunk` draws it, so a row gets the chunk it
+        would get alone up to float rounding (batched matrix products, text padding). DDIM with
+        eta = 0 (the sampler of ``model.sample``) draws no other noise."""
+        first = policies[0]
+        model = first.model
+        parts = [p.batch(o, i, c, s) for p, o, i, c, s in zip(policies, observations, instructions, cache_infos, scenes)]
+        batch = {k: (sum((b[k] for b in parts), []) if isinstance(parts[0][k], list)
+                     else torch.cat([b[k] for b in parts])) for k in parts[0]}
+        cond = model.condition(batch)
+        scheduler = model.ddim
+        scheduler.set_timesteps(model.num_inference_steps)
+        x = torch.cat([torch.randn((1, model.horizon, 7), generator=p.generator, device="cpu")
+                       for p in policies]).to(cond.device)
+        for t in scheduler.timesteps:
+            eps = model.unet(x, t.expand(x.shape[0]).to(cond.device), cond)
+            x = scheduler.step(eps, t, x).prev_sample
+        chunks = model.normalizer.unnormalize_actions(x).cpu().numpy().astype(np.float32)
+        return list(chunks)

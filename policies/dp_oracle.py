@@ -18,6 +18,17 @@ A DP for this policy must be trained on labels in the same form: :func:`numeric_
 With ``insert_positions=False`` the oracle's lines are passed as they are (the labels a ``code``
 DP was trained on): the oracle as the high-level planner, e.g. to evaluate a code-conditioned DP
 during training without a VLM.
+
+``pace`` says who ends a line:
+  * ``tracker`` (default): the oracle's skill ends it, by its own termination test on the scene
+    the DP leaves (above).
+  * ``dp`` (not in the paper): the DP ends it, as the DP paces VLM+DP with
+    ``query_every_step=false``: the oracle's program gives its next line when the DP's chunk ends
+    in holds (a DP trained with ``chunk_end: line`` holds at its line's end;
+    :func:`~policies.vlm_dp.line_ends_in_chunk`), or after ``max_line_steps`` steps of one line.
+    The program's queries (``pose_dict`` assignments) are still evaluated on the current scene;
+    its skills are never stepped, so no skill's step cap or phase can end a line that the DP is
+    still executing.
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ from datamodules.labels import POSE_DICT_READ, commented, extract_memory_info
 from envs.oracle import SkillExecutor
 from envs.skills import CodeError
 
+from configs.errors import ConfigError
+
 from .base import PolicyFailure
 from .vlm_dp import ChunkedDP
 
+PACES = ("tracker", "dp")  # who ends a line: the oracle's skill, or the DP (holds at its line's end)
 _POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"])(.*?)\1\]\s*=(?!=)")
 
 
@@ -73,6 +87,19 @@ class OracleTracker:
         self.program = iter(self.env.oracle(self.executor.api))
         self.ended = False
 
+    def next_line(self) -> str | None:
+        """Start the program's next line without stepping its skill (its query, if any, is
+        evaluated on the current scene); None when the program has ended."""
+        line = next(self.program, None)
+        if line is None:
+            self.ended = True
+            return None
+        try:
+            self.executor.start(line)
+        except CodeError as e:
+            raise PolicyFailure("oracle error", f"{line!r}: {e}") from None
+        return self.executor.line
+
     def step(self) -> tuple[str, bool]:
         """(current code line, whether this step is its key-step); after the program has ended,
         the last line stays current. An oracle query that fails on the scene the DP left
@@ -98,10 +125,15 @@ class DPOracle(ChunkedDP):
 
     kind = "dp_oracle"
 
-    def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, **chunking):
+    def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, pace: str = "tracker",
+                 max_line_steps: int = 100, **chunking):
         super().__init__(dp, **chunking)
+        if pace not in PACES:
+            raise ConfigError(f"unknown pace {pace!r} for dp_oracle; use one of {list(PACES)}")
         self.insert_positions = bool(insert_positions)
         self.tracker_slack = float(tracker_slack)
+        self.pace = pace
+        self.max_line_steps = int(max_line_steps)
 
     def reset_instructions(self, prompt: str) -> None:
         if self.env is None:
@@ -110,15 +142,26 @@ class DPOracle(ChunkedDP):
         self.tracker.reset()
         self.memory: list[str] = []
         self.current = ""
+        self.line_steps = 0
 
     def pose_dict(self) -> dict:
         return self.tracker.executor.api.pose_dict
 
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = extract_memory_info(self.memory)  # M_t: key-step lines before t
-        line, key_step = self.tracker.step()
+        line, key_step = self.tracker.step() if self.pace == "tracker" else self._dp_paced_line()
         if key_step:
             self.current = numeric_line(line, self.tracker.executor.api.pose_dict) if self.insert_positions else line
             self.memory.append(self.current)
             return self.current, True, cache_info
         return commented(self.current), False, cache_info
+
+    def _dp_paced_line(self) -> tuple[str, bool]:
+        """``pace='dp'``: (line, key-step) where the DP's line ending starts the program's next line."""
+        line_over = self.line_done and not self.queue
+        if self.tracker.ended or (self.current and not line_over and self.line_steps < self.max_line_steps):
+            self.line_steps += 1
+            return self.tracker.executor.line or "", False
+        self.line_done, self.line_steps = False, 1
+        line = self.tracker.next_line()
+        return (line, True) if line is not None else (self.tracker.executor.line or "", False)

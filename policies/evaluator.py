@@ -14,41 +14,46 @@ fixes the scene, and the global RNGs (torch, numpy, random) are seeded with it a
 each episode, so an episode's outcome does not depend on which process ran it or in what order.
 
 Parallelism. ``workers=0`` runs in this process (the policy may then be a live Policy object);
-``workers=N`` runs N spawned worker processes (never fork: one ManiSkill env per process), each
-building its own policy from the picklable :class:`~policies.spec.PolicySpec`. Seeds can be
-sharded over ranks: rank r of w runs ``seeds[r::w]`` (the rollout callback does this under DDP);
-:meth:`EvalResult.counts` are summed over ranks to get the totals.
+``workers=N`` runs N spawned worker processes (never fork), each building its own policies from
+the picklable :class:`~policies.spec.PolicySpec`. ``envs_per_worker=B`` steps B environments in
+each process (in this one with ``workers=0``), one policy per environment sharing the networks,
+and sends their VLM queries and DP chunk requests to the networks as batches
+(:func:`policies.episodes.run_batched`); a slot whose episode ends takes the next job (workers
+take jobs from one shared queue). With B = 1 each process runs one episode at a time, as
+:func:`run_episode` does. Seeds can be sharded over ranks: rank r of w runs ``seeds[r::w]`` (the
+rollout callback does this under DDP); :meth:`EvalResult.counts` are summed over ranks to get
+the totals.
 
-Episodes. Each runs until the task is solved (``stop_on_success``), the policy has nothing more
-to do (``done()`` of code-executing policies), it raises :class:`~policies.base.PolicyFailure`,
-or the step cap (``max_steps``, default the task's own: ``env.max_steps``) is reached. Failure
-reasons: ``step cap``, ``stopped without success``, or the PolicyFailure's reason. The first
-``video_episodes`` episodes of each task (in this rank's shard) are recorded as base-camera
-videos whose captions carry the policy's current instruction.
+Episodes (:mod:`policies.episodes`). Each runs until the task is solved (``stop_on_success``),
+the policy has nothing more to do (``done()`` of code-executing policies), it raises
+:class:`~policies.base.PolicyFailure`, or the step cap (``max_steps``, default the task's own:
+``env.max_steps``) is reached. Failure reasons: ``step cap``, ``stopped without success``, or
+the PolicyFailure's reason. The first ``video_episodes`` episodes of each task (in this rank's
+shard) are recorded as base-camera videos whose captions carry the policy's current instruction.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import multiprocessing as mp
 import os
-import random
+import queue
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .base import Policy, PolicyFailure
-from .spec import PolicySpec, build_policy
+from .base import Policy
+from .episodes import (EpisodeResult, Video, cached_env, close_cached_envs, frozen_gc, preserved_rng, run_batched,
+                       run_episode, seed_everything)
+from .spec import PolicySpec, build_policies, build_policy
 
 DEFAULT_SEED_START = 100_000
 DEFAULT_EPISODES = 64  # paper: 64 seeds per task
-MAX_CACHED_ENVS = 2  # environments kept alive per process (LRU)
 
 
 def evaluation_seeds(episodes: int = DEFAULT_EPISODES, seed_start: int = DEFAULT_SEED_START) -> list[int]:
@@ -57,40 +62,6 @@ def evaluation_seeds(episodes: int = DEFAULT_EPISODES, seed_start: int = DEFAULT
 
 
 # ---------------------------------------------------------------------------- results
-@dataclass
-class EpisodeResult:
-    task: str
-    seed: int
-    success: bool
-    steps: int  # environment steps taken
-    failure: str = ""  # reason category ("" on success)
-    detail: str = ""  # what exactly went wrong
-    stats: dict = field(default_factory=dict)  # the policy's per-episode counters
-
-
-@dataclass
-class Video:
-    """A recorded episode: base-camera frames (T+1, H, W, 3) uint8 (the last one after the
-    final step) and one caption per frame (the policy's instruction at that step)."""
-
-    task: str
-    seed: int
-    success: bool
-    frames: np.ndarray
-    captions: list[str]
-
-    def captioned(self, scale: int | None = None) -> list[np.ndarray]:
-        """Frames with their caption bar (envs.video.caption), upscaled to about 256 px wide."""
-        from envs.video import caption
-
-        scale = scale or max(1, 256 // self.frames.shape[2])
-        return [caption(f, c, scale=scale, lines=3) for f, c in zip(self.frames, self.captions)]
-
-    @property
-    def name(self) -> str:
-        return f"{self.task}_seed{self.seed}_{'success' if self.success else 'fail'}"
-
-
 @dataclass
 class TaskResult:
     task: str
@@ -222,118 +193,50 @@ def _write_csv(rows: list[list], path) -> str:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------------------- one episode
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Restore the global torch / numpy / random states afterwards (in-process evaluation inside
-    a training run must not reset the trainer's randomness to the evaluation seeds)."""
-    import torch
-
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-def run_episode(env, policy: Policy, seed: int, *, max_steps: int | None = None, stop_on_success: bool = True,
-                record_video: bool = False) -> tuple[EpisodeResult, Video | None]:
-    """Roll out ``policy`` in ``env`` (an env of ``envs.make_env``) for ``seed``."""
-    from envs.tabletop import observation_arrays
-
-    base = env.unwrapped
-    seed_everything(seed)
-    obs, _ = env.reset(seed=seed)
-    policy.attach(base)
-    policy.reset(base.task_name, base.prompt())
-    cap = int(max_steps or base.max_steps)
-    frames, captions = [], []
-    steps, success, failure, detail = 0, False, "", ""
-    try:
-        while steps < cap and not policy.finished:
-            observation = observation_arrays(obs)
-            action = np.asarray(policy.act(observation), dtype=np.float32)
-            if action.shape != (7,) or not np.all(np.isfinite(action)):
-                raise PolicyFailure("invalid action", f"shape {action.shape}, finite: {np.isfinite(action).all()}")
-            if record_video:
-                frames.append(observation["base_rgb"])
-                captions.append(f"{steps:3d} {policy.instruction}")
-            obs, _, _, _, info = env.step(action)
-            steps += 1
-            success = bool(info["success"])
-            if success and stop_on_success:
-                break
-    except PolicyFailure as e:
-        success, failure, detail = False, e.reason, e.detail
-    if not success and not failure:
-        failure = "step cap" if steps >= cap else "stopped without success"
-        detail = f"{cap} steps" if steps >= cap else f"policy finished after {steps} steps"
-    result = EpisodeResult(base.task_name, int(seed), success, steps, failure, detail, dict(policy.stats()))
-    video = None
-    if record_video:
-        frames.append(observation_arrays(obs)["base_rgb"])
-        captions.append("SUCCESS" if success else f"FAIL: {failure} {detail}")
-        video = Video(base.task_name, int(seed), success, np.stack(frames), captions)
-    return result, video
-
-
-# ---------------------------------------------------------------------------- environments
-_ENVS: OrderedDict = OrderedDict()
-
-
-def cached_env(task: str, image_size: int, backend: str = "auto"):
-    """An env of ``task`` from this process's small LRU cache (creating one takes seconds)."""
-    import envs
-
-    key = (task, int(image_size), backend)
-    if key in _ENVS:
-        _ENVS.move_to_end(key)
-        return _ENVS[key]
-    while len(_ENVS) >= MAX_CACHED_ENVS:
-        _, old = _ENVS.popitem(last=False)
-        old.close()
-    _ENVS[key] = envs.make_env(task, image_size=image_size, backend=backend)
-    return _ENVS[key]
-
-
-def close_cached_envs() -> None:
-    while _ENVS:
-        _ENVS.popitem()[1].close()
-
-
 # ---------------------------------------------------------------------------- workers
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PolicySpec, env_cfg: dict, threads: int) -> None:
+def _init_worker(spec: PolicySpec, env_cfg: dict, threads: int, envs_per_worker: int, jobs=None, done=None) -> None:
     import signal
 
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it cancels the rest)
     torch.set_num_threads(threads)
-    _WORKER.update(policy=build_policy(spec), **env_cfg)
+    _WORKER.update(policies=build_policies(spec, envs_per_worker), jobs=jobs, done=done, **env_cfg)
+    import gc
+
+    gc.freeze()  # the networks and libraries, for the worker's life (policies.episodes.frozen_gc says why)
 
 
 def _worker_episode(task: str, seed: int, record_video: bool):
     env = cached_env(task, _WORKER["image_size"], _WORKER["backend"])
-    return run_episode(env, _WORKER["policy"], seed, max_steps=_WORKER["max_steps"],
+    return run_episode(env, _WORKER["policies"][0], seed, max_steps=_WORKER["max_steps"],
                        stop_on_success=_WORKER["stop_on_success"], record_video=record_video)
+
+
+def _worker_batched(jobs: list) -> dict:
+    """A worker's share of the jobs, B at a time: it takes job indices from the shared queue
+    until it is empty and reports each finished one on the ``done`` queue."""
+    def next_job():
+        try:
+            return _WORKER["jobs"].get_nowait()
+        except queue.Empty:
+            return None
+
+    return run_batched(_WORKER["policies"], jobs, _slot_env(_WORKER), max_steps=_WORKER["max_steps"],
+                       stop_on_success=_WORKER["stop_on_success"], next_job=next_job,
+                       on_result=lambda index, _: _WORKER["done"].put(index))
+
+
+def _slot_env(env_cfg: dict):
+    return lambda slot, task: cached_env(task, env_cfg["image_size"], env_cfg["backend"], slot=slot)
 
 
 # ---------------------------------------------------------------------------- evaluate
 def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODES, *, seeds=None,
-             seed_start: int = DEFAULT_SEED_START, workers: int = 0, image_size: int = 128,
+             seed_start: int = DEFAULT_SEED_START, workers: int = 0, envs_per_worker: int = 1, image_size: int = 128,
              backend: str = "auto", max_steps: int | None = None, stop_on_success: bool = True,
              video_episodes: int = 1, rank: int = 0, world_size: int = 1, progress: bool = False) -> EvalResult:
     """Evaluate ``policy`` on ``tasks`` (names or a selection like ``"L0+L1"``).
@@ -342,7 +245,11 @@ def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODE
     ``seeds[rank::world_size]``. ``workers=0``: in this process (``policy`` may be a live
     :class:`~policies.base.Policy`; the global RNG states are restored afterwards); ``workers>0``:
     that many spawned processes (``policy`` must be a :class:`~policies.spec.PolicySpec`).
-    ``image_size`` must match what the policy was trained on.
+    ``envs_per_worker`` (B): environments stepped side by side in each process (this one when
+    ``workers=0``), their policies' VLM queries and DP chunks sent to the networks as batches
+    (:func:`policies.episodes.run_batched`; B > 1 needs a PolicySpec). With B = 1 each episode
+    runs alone, as :func:`run_episode` runs it. ``image_size`` must match what the policy was
+    trained on.
     """
     from envs import resolve_tasks
 
@@ -350,19 +257,21 @@ def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODE
     all_seeds = [int(s) for s in seeds] if seeds is not None else evaluation_seeds(episodes, seed_start)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
+    if envs_per_worker < 1:
+        raise ValueError(f"envs_per_worker={envs_per_worker} must be >= 1")
     shard = all_seeds[rank::world_size]
     jobs = [(task, seed, i < video_episodes) for task in tasks for i, seed in enumerate(shard)]
     label = policy.label if isinstance(policy, PolicySpec) else policy.kind
     env_cfg = {"image_size": int(image_size), "backend": backend, "max_steps": max_steps,
                "stop_on_success": bool(stop_on_success)}
     start = time.time()
+    if (workers > 0 or envs_per_worker > 1) and not isinstance(policy, PolicySpec):
+        raise TypeError("workers > 0 or envs_per_worker > 1 needs a picklable PolicySpec, not a live policy")
     if workers > 0:
-        if not isinstance(policy, PolicySpec):
-            raise TypeError("workers > 0 needs a picklable PolicySpec, not a live policy")
         policy.validate()
-        outcomes = _run_parallel(policy, jobs, env_cfg, workers, progress)
+        outcomes = _run_parallel(policy, jobs, env_cfg, workers, int(envs_per_worker), progress)
     else:
-        outcomes = _run_here(policy, jobs, env_cfg, progress)
+        outcomes = _run_here(policy, jobs, env_cfg, int(envs_per_worker), progress)
     per_task = {t: TaskResult(t, []) for t in tasks}
     videos = []
     for result, video in outcomes:
@@ -378,11 +287,17 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="ep", dynamic_ncols=True)
 
 
-def _run_here(policy, jobs, env_cfg: dict, progress: bool) -> list:
-    if isinstance(policy, PolicySpec):
+def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool) -> list:
+    if envs_per_worker > 1:
+        policies = build_policies(policy, envs_per_worker)
+    elif isinstance(policy, PolicySpec):
         policy = build_policy(policy)
-    outcomes = []
-    with preserved_rng(), _progress(len(jobs), progress, "rollouts") as bar:
+    with preserved_rng(), frozen_gc(), _progress(len(jobs), progress, "rollouts") as bar:
+        if envs_per_worker > 1:
+            found = run_batched(policies, jobs, _slot_env(env_cfg), max_steps=env_cfg["max_steps"],
+                                stop_on_success=env_cfg["stop_on_success"], on_result=lambda *_: bar.update())
+            return [found[i] for i in range(len(jobs))]
+        outcomes = []
         for task, seed, record in jobs:
             env = cached_env(task, env_cfg["image_size"], env_cfg["backend"])
             outcomes.append(run_episode(env, policy, seed, max_steps=env_cfg["max_steps"],
@@ -391,22 +306,45 @@ def _run_here(policy, jobs, env_cfg: dict, progress: bool) -> list:
     return outcomes
 
 
-def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, progress: bool) -> list:
+def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_worker: int, progress: bool) -> list:
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
+    batched = envs_per_worker > 1
+    todo, done = (ctx.Queue(), ctx.Queue()) if batched else (None, None)
+    desc = f"rollouts ({workers} workers" + (f" x {envs_per_worker} envs)" if batched else ")")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(spec, env_cfg, threads)) as pool, \
-            _progress(len(jobs), progress, f"rollouts ({workers} workers)") as bar:
-        futures = [pool.submit(_worker_episode, *job) for job in jobs]
-        outcomes = []
+                             initargs=(spec, env_cfg, threads, envs_per_worker, todo, done)) as pool, \
+            _progress(len(jobs), progress, desc) as bar:
         try:
-            for fut in futures:  # in job order: results do not depend on completion order
-                outcomes.append(fut.result())
-                bar.update()
+            if not batched:
+                futures = [pool.submit(_worker_episode, *job) for job in jobs]
+                outcomes = []
+                for fut in futures:  # in job order: results do not depend on completion order
+                    outcomes.append(fut.result())
+                    bar.update()
+                return outcomes
+            for index in range(len(jobs)):
+                todo.put(index)
+            futures = [pool.submit(_worker_batched, jobs) for _ in range(workers)]
+            while not all(f.done() for f in futures):
+                try:
+                    done.get(timeout=0.5)
+                    bar.update()
+                except queue.Empty:
+                    pass
+            found = {}
+            for fut in futures:
+                found.update(fut.result())
+            return [found[i] for i in range(len(jobs))]  # in job order, whichever worker ran it
         except KeyboardInterrupt:
+            if batched:  # no new episodes: the workers end their running ones and return
+                while True:
+                    try:
+                        todo.get_nowait()
+                    except queue.Empty:
+                        break
             pool.shutdown(wait=False, cancel_futures=True)  # the running episodes end, no new ones start
             raise
-    return outcomes
 
 
 __all__ = ["DEFAULT_SEED_START", "DEFAULT_EPISODES", "EpisodeResult", "Video", "TaskResult", "EvalResult",

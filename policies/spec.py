@@ -4,6 +4,7 @@
                       options={"regenerate_on_keystep": False, "n_action_steps": 8})
     spec.validate()              # PolicySpecError with one clear message on bad input
     policy = build_policy(spec)  # loads the checkpoints (in the calling process)
+    policies = build_policies(spec, 8)  # one per environment of a batch, sharing the networks
 
 Kinds (paper section 5):
 
@@ -14,7 +15,7 @@ oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
 vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, query_every_step, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
-dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, device
+dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, pace, device
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
@@ -44,7 +45,7 @@ OPTIONS = {
     "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
                            "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "device"},
+    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "device"},
 }
 
 
@@ -95,12 +96,16 @@ def resolve_device(device: str | None) -> str:
 
 def build_policy(spec: PolicySpec):
     """A fresh :class:`~policies.base.Policy` for ``spec`` (loads its checkpoints)."""
+    return build_policies(spec, 1)[0]
+
+
+def build_policies(spec: PolicySpec, n: int) -> list:
+    """``n`` policies for ``spec`` (one per environment of a batch, :mod:`policies.batching`):
+    the checkpoints are loaded once and the networks shared (``fork``); each policy has its own
+    episode state (planner memory, action queue, DP noise stream)."""
     spec.validate()
     opts = dict(spec.options)
     device = resolve_device(opts.pop("device", None))
-    chunking = {k: int(opts.pop(k)) or None for k in list(opts) if k in _CHUNKING}
-    if "regenerate_on_keystep" in opts:
-        chunking["regenerate_on_keystep"] = bool(opts.pop("regenerate_on_keystep"))
     needs_dp, needs_vlm = KINDS[spec.kind]
     dp = vlm = None
     if needs_dp:
@@ -110,9 +115,18 @@ def build_policy(spec: PolicySpec):
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 
-        planner_options = {"constrain_objects": bool(opts.pop("constrain_objects"))} \
+        planner_options = {"constrain_objects": bool(opts["constrain_objects"])} \
             if "constrain_objects" in opts else {}
         vlm = VLMPlanner.from_pretrained(spec.vlm, device=device, **planner_options)
+    return [_make(spec, dict(opts), dp if i == 0 or dp is None else dp.fork(),
+                  vlm if i == 0 or vlm is None else vlm.fork()) for i in range(int(n))]
+
+
+def _make(spec: PolicySpec, opts: dict, dp, vlm):
+    opts.pop("constrain_objects", None)
+    chunking = {k: int(opts.pop(k)) or None for k in list(opts) if k in _CHUNKING}
+    if "regenerate_on_keystep" in opts:
+        chunking["regenerate_on_keystep"] = bool(opts.pop("regenerate_on_keystep"))
     if spec.kind == "oracle":
         from .oracle_only import OracleOnly
 
@@ -133,4 +147,5 @@ def build_policy(spec: PolicySpec):
     from .dp_oracle import DPOracle
 
     slack = {"tracker_slack": float(opts.pop("tracker_slack"))} if "tracker_slack" in opts else {}
-    return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **slack, **chunking)
+    pace = {"pace": str(opts.pop("pace"))} if "pace" in opts else {}
+    return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **slack, **pace, **chunking)

@@ -12,7 +12,10 @@ is dropped and a new chunk is predicted at once from the new instruction. With `
 chunk's ``n_action_steps`` actions are executed blindly (the chunking ablation, paper 5.2).
 
 :class:`ChunkedDP` holds the action queue shared by VLMDP, FlatDP and DPOracle; they differ only
-in where the instruction comes from (``next_instruction``).
+in where the instruction comes from (``next_instruction``). A step is written once, as the
+generator ``act_steps`` that yields its VLM query and DP chunk request
+(:mod:`policies.batching`): ``act`` serves them at once, an evaluator with B environments per
+process serves those of B policies as batches.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from datamodules.labels import POSE_DICT_ASSIGNMENT, commented
 from envs.skills import CodeError, Interpreter, SkillAPI
 
 from .base import Policy, PolicyFailure, scene_objects
+from .batching import ChunkRequest, PlanRequest, act
 
 
 def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> int:
@@ -80,6 +84,11 @@ class ChunkedDP(Policy):
         """(instruction c_t, whether it starts a new subtask, cache info of M_t) for this step."""
         raise NotImplementedError
 
+    def instruction_steps(self, observation: dict):
+        """``next_instruction`` as a generator that may yield model calls (VLMDP's query)."""
+        return self.next_instruction(observation)
+        yield  # unreachable: makes this a generator
+
     def pose_dict(self) -> dict:
         """key -> stored position (3,) that the instruction's ``pose_dict`` reads refer to
         (read by a state-observation DP; none by default)."""
@@ -109,7 +118,10 @@ class ChunkedDP(Policy):
         self.line_done = False  # the last chunk ends in holds: the DP's line is done once it is executed
 
     def act(self, observation: dict) -> np.ndarray:
-        instruction, new_key_step, cache_info = self.next_instruction(observation)
+        return act(self.act_steps(observation))
+
+    def act_steps(self, observation: dict):
+        instruction, new_key_step, cache_info = yield from self.instruction_steps(observation)
         self.instruction = instruction
         if new_key_step:
             self.key_steps += 1
@@ -118,8 +130,8 @@ class ChunkedDP(Policy):
                 self.dropped_actions += len(self.queue)
                 self.queue.clear()
         if not self.queue:
-            scene = {"scene": self._scene()} if self.uses_state else {}
-            chunk = self._checked(self.dp.predict_action_chunk(observation, instruction, cache_info, **scene))
+            scene = self._scene() if self.uses_state else None
+            chunk = self._checked((yield ChunkRequest(self.dp, observation, instruction, cache_info, scene)))
             self.queue.extend(chunk[: self.n_action_steps])
             self.chunks += 1
             self.line_done = line_ends_in_chunk(chunk, self.n_action_steps)
@@ -186,6 +198,9 @@ class VLMDP(ChunkedDP):
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
+        return act(self.instruction_steps(observation))
+
+    def instruction_steps(self, observation: dict):
         cache_info = self.planner.cache_info  # read before the query: ExtractMemoryInfo(M_t)
         line_over = self.line_done and not self.queue
         if not self.query_every_step and self.running and not line_over and self.line_steps < self.max_line_steps:
@@ -194,9 +209,9 @@ class VLMDP(ChunkedDP):
         if (self.keystep_on_hold and line_over) or not self.query_every_step:
             self.line_done = False
             self.keystep_requests += 1
-            step = self.planner.next_key_step(observation["base_rgb"])
+            step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=True)
         else:
-            step = self.planner.step(observation["base_rgb"])
+            step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=False)
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
         else:

@@ -7,6 +7,7 @@
     step = planner.step(image)          # (H, W, 3) uint8 base camera -> PlanStep (VLM + DP mode)
     step = planner.next_key_step(image) # key-step request (VLM + Oracle mode)
     planner.memory, planner.cache_info  # key-step lines so far; ExtractMemoryInfo for the DP
+    steps = VLMPlanner.plan_many(planners, images, requests)  # B planners (forks), one batch
 
 Memory rule (the one ``datamodules.labels.memories`` used to build the training prompts): a
 generated line is appended when it is a key-step, i.e. not commented out, and only then; equal
@@ -16,8 +17,28 @@ Decoding is greedy and bounded by ``max_new_tokens``. Early stopping: in ``step`
 first ``early_stop_k`` generated characters equal those of ``"# " + memory[-1]`` (the commented
 last key-step), decoding stops and that commented line is returned. Prefix KV caching: the prompt
 is ``template(Task + Memory + <image> [+ request])``; the part before the image depends only on the
-task and the memory, so its KV cache is computed once per memory state and reused (cropped back
-to the prefix) at every control step.
+task and the memory (this layout, image after the memory, is what the VLM is trained on; LLaVA's
+own puts the image first), so its KV cache is computed once per memory state and reused at every
+control step; only the image tokens and the few tokens after them are computed per step.
+
+Fast queries (``fast=True``, the default; ``fast=False`` is the reference decoding, one
+``transformers`` forward per token, kept for comparison). The greedy tokens are the same (the
+tests compare them token for token; logits agree to float rounding), computed with fewer passes:
+
+* **Verification of the expected continuation** (as speculative decoding verifies a draft): the
+  tokens of ``"# " + memory[-1]`` up to the early-stopping point are appended to the image
+  prefill, so one forward pass gives the greedy choice at each of their positions. Tokens are
+  accepted while the greedy choice equals the draft; at the first difference the rest is dropped
+  and decoding goes on token by token, with drafts looked up in the prompt (the n-gram that
+  ends the line so far, found in the task and memory: lines copy object names and earlier calls).
+* **Incremental prefix**: when the memory grows, only the tokens after the longest common
+  token prefix of the old and new prompt prefix are run.
+* **Vision reuse**: an image equal to the last one reuses its vision features.
+* **Lean forward**: the forward passes of ``policies.vlm_runtime`` (the model's own weights
+  without the library's per-call overhead; the library's model for other architectures),
+  with the processor's pixel normalisation as a lookup table and the prompt tokens cached.
+* **Batches**: ``plan_many`` runs the queries of B planners (``fork()``: one model, B episodes)
+  as one batch, left-padded, each row with its own memory, prefix and draft.
 
 Object-constrained decoding (``constrain_objects``, not in the paper): when the caller gives the
 scene's object names, the string argument of ``get_actor('...')`` may only spell one of them,
@@ -57,6 +78,7 @@ class PlanStep:
     error: str | None    # None if the line parses as skill-API code; else why
     tokens: int          # new tokens decoded for this call
     early_stopped: bool
+    forwards: int = 0    # decoder forward passes this call took (prefix updates excluded)
 
 
 @dataclass
@@ -66,7 +88,78 @@ class PlannerStats:
     prefill_tokens: int = 0   # prompt tokens run through the model (prefix cache hits excluded)
     early_stops: int = 0
     errors: int = 0
+    forwards: int = 0         # decoder forward passes (a batched pass counts once per row)
+    drafted: int = 0          # draft tokens verified (fast queries)
+    accepted: int = 0         # ... of which the greedy choice accepted
+    vision_reuses: int = 0    # images equal to the last one: vision features reused
     per_call: list = field(default_factory=list)
+
+
+class _Line:
+    """Greedy decoding of one line, one token at a time: early stopping, EOS, ``max_new_tokens``
+    (the same rule for the reference and the fast queries, see the module docstring)."""
+
+    def __init__(self, planner: "VLMPlanner", request: bool, stop_target: str | None):
+        self.planner, self.request, self.stop_target = planner, request, stop_target
+        self.ids: list[int] = []
+        self.early = self.finished = False
+        k = planner.early_stop_k
+        self.k = min(k, len(stop_target)) if stop_target and k > 0 else 0
+        self.checking = self.k > 0
+        self.forwards = 0
+
+    def feed(self, token: int) -> bool:
+        """Take the next greedy token; False when the line is complete."""
+        tok = self.planner.tok
+        self.ids.append(token)
+        if token == tok.eos_token_id:
+            self.finished = True
+            return False
+        if self.checking:
+            text = tok.decode(self.ids, skip_special_tokens=True)
+            if len(text) >= self.k:
+                if text[: self.k] == self.stop_target[: self.k]:
+                    self.early = True
+                    return False
+                self.checking = False
+            elif not self.stop_target.startswith(text):
+                self.checking = False
+        return len(self.ids) < self.planner.max_new_tokens
+
+    def draft(self) -> list[int]:
+        """The expected continuation's tokens: ``stop_target`` up to the early-stopping point (all
+        of it and EOS without early stopping); none without a target."""
+        if not self.stop_target:
+            return []
+        ids = self.planner._encode(self.stop_target)
+        if self.k <= 0:
+            return ids + [self.planner.tok.eos_token_id]
+        tok = self.planner.tok
+        for n in range(1, len(ids) + 1):
+            if len(tok.decode(ids[:n], skip_special_tokens=True)) >= self.k:
+                return ids[:n]
+        return ids
+
+    def finish(self) -> PlanStep:
+        """The PlanStep; the memory and the statistics are updated."""
+        p = self.planner
+        ids = self.ids
+        line = self.stop_target if self.early else p.tok.decode(ids, skip_special_tokens=True).strip()
+        error = p.check(line)
+        if error is None and not self.early and not self.finished:
+            error = f"no end of line within max_new_tokens={p.max_new_tokens}"
+        key = is_key_step(line)
+        if key:
+            p.memory.append(line)
+        s = p.stats
+        s.calls += 1
+        s.tokens += len(ids)
+        s.early_stops += self.early
+        s.errors += error is not None
+        s.forwards += self.forwards
+        s.per_call.append(len(ids))
+        return PlanStep(line=line, key_step=key, new_key_step=key, error=error, tokens=len(ids),
+                        early_stopped=self.early, forwards=self.forwards)
 
 
 class VLMPlanner:
@@ -74,11 +167,14 @@ class VLMPlanner:
 
     ``model``: ``LlavaForConditionalGeneration``; ``processor``: its ``LlavaProcessor``.
     ``constrain_objects``: object-constrained decoding when ``reset`` is given the scene's objects.
+    ``fast``: the fast queries (default); False: the reference decoding (``use_prefix_cache``
+    applies to it only). ``lean``: the lean forward passes where the architecture allows.
+    ``lookup_drafts``: after a divergence, draft tokens looked up in the prompt (fast queries).
     """
 
     def __init__(self, model, processor, prompt_template: str = PromptFormat.template, early_stop_k: int = 6,
                  max_new_tokens: int = 96, use_prefix_cache: bool = True, device: str = "cpu",
-                 constrain_objects: bool = True):
+                 constrain_objects: bool = True, fast: bool = True, lean: bool = True, lookup_drafts: bool = True):
         self.model = model.to(device).eval()
         self.processor = processor
         self.tok = processor.tokenizer
@@ -87,15 +183,21 @@ class VLMPlanner:
         self.max_new_tokens = int(max_new_tokens)
         self.use_prefix_cache = bool(use_prefix_cache)
         self.constrain_objects = bool(constrain_objects)
+        self.fast = bool(fast)
+        self.lookup_drafts = bool(lookup_drafts)
         self.device = torch.device(device)
         self._pixel_dtype = next(model.model.vision_tower.parameters()).dtype
         self._parser = None
+        # shared by forks (one model, many episodes): runtime, token and check caches
+        from .vlm_runtime import make_runtime
+
+        self.runtime = make_runtime(self.model, lean=lean)
+        self._shared = {"encode": {}, "rest": {}, "checks": {}, "pixel_table": {}}
         self.task_prompt = ""
         self.objects: list[str] | None = None
         self.memory: list[str] = []
         self.stats = PlannerStats()
-        self._prefix_ids: list[int] | None = None
-        self._cache = None
+        self.reset("")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -132,6 +234,16 @@ class VLMPlanner:
         kwargs.update(overrides)
         return cls(plain_model(module.model), module.processor, device=device, **kwargs)
 
+    def fork(self) -> "VLMPlanner":
+        """A planner for another episode on the same model (shared weights, runtime and caches;
+        its own memory, prefix cache and statistics), e.g. one per environment of a batch."""
+        import copy
+
+        other = copy.copy(self)
+        other.reset("")
+        other.stats = PlannerStats()
+        return other
+
     # ------------------------------------------------------------------ episode state
     def reset(self, task_prompt: str, objects: list[str] | None = None) -> None:
         """Start an episode: empty memory. ``objects``: the scene's object names, if known, to
@@ -140,7 +252,9 @@ class VLMPlanner:
         self.task_prompt = str(task_prompt)
         self.objects = list(objects) if objects is not None else None
         self.memory = []
-        self._prefix_ids, self._cache = None, None
+        self._prefix_ids, self._cache = None, None  # reference decoding: transformers' cache
+        self._kv_ids, self._kv = None, None  # fast queries: the prefix's KVBatch of one row, and its ids
+        self._last_image, self._last_features = None, None
 
     @property
     def cache_info(self) -> str:
@@ -148,63 +262,42 @@ class VLMPlanner:
 
     def step(self, image: np.ndarray) -> PlanStep:
         """VLM + DP mode: the code line for this control step; updates the memory."""
-        target = commented(self.memory[-1]) if self.memory else None
-        return self._plan(image, request=False, stop_target=target)
+        if self.fast:
+            return self.plan_many([self], [image], [False])[0]
+        return self._plan(image, request=False, stop_target=self._stop_target(False))
 
     def next_key_step(self, image: np.ndarray) -> PlanStep:
         """VLM + Oracle mode: ask with the key-step request for the next key-step line."""
+        if self.fast:
+            return self.plan_many([self], [image], [True])[0]
         return self._plan(image, request=True, stop_target=None)
 
-    # ------------------------------------------------------------------ decoding
+    def _stop_target(self, request: bool) -> str | None:
+        return commented(self.memory[-1]) if self.memory and not request else None
+
+    # ------------------------------------------------------------------ reference decoding
     def _plan(self, image: np.ndarray, request: bool, stop_target: str | None) -> PlanStep:
-        ids: list[int] = []
-        early = False
-        k = min(self.early_stop_k, len(stop_target)) if stop_target and self.early_stop_k > 0 else 0
-        checking = k > 0
-        finished = False
+        line = _Line(self, request, stop_target)
         for token in self._token_stream(image, request):
-            if token == self.tok.eos_token_id:
-                ids.append(token)
-                finished = True
+            line.forwards += 1
+            if not line.feed(token):
                 break
-            ids.append(token)
-            if checking:
-                text = self.tok.decode(ids, skip_special_tokens=True)
-                if len(text) >= k:
-                    if text[:k] == stop_target[:k]:
-                        early = True
-                        break
-                    checking = False
-                elif not stop_target.startswith(text):
-                    checking = False
-            if len(ids) >= self.max_new_tokens:
-                break
-        line = stop_target if early else self.tok.decode(ids, skip_special_tokens=True).strip()
-        error = self.check(line)
-        if error is None and not early and not finished:
-            error = f"no end of line within max_new_tokens={self.max_new_tokens}"
-        key = is_key_step(line)
-        if key:
-            self.memory.append(line)
-        s = self.stats
-        s.calls += 1
-        s.tokens += len(ids)
-        s.early_stops += early
-        s.errors += error is not None
-        s.per_call.append(len(ids))
-        return PlanStep(line=line, key_step=key, new_key_step=key, error=error, tokens=len(ids), early_stopped=early)
+        return line.finish()
 
     def _prompt_parts(self, request: bool) -> tuple[str, str]:
         question = code_question(self.task_prompt, self.memory, request, image_token=self.processor.image_token)
         return self.fmt.split_at_image(self.fmt.prompt(question), self.processor.image_token)
 
+    def _prefix_token_ids(self, prefix: str) -> list[int]:
+        ids = self._encode(prefix) if self.fast else self.tok(prefix, add_special_tokens=False)["input_ids"]
+        return [self.tok.bos_token_id] + ids if self.tok.bos_token_id is not None else list(ids)
+
     @torch.no_grad()
     def _token_stream(self, image: np.ndarray, request: bool) -> Iterator[int]:
-        """Greedy tokens, one forward pass each, computed lazily (stop consuming to stop)."""
+        """Greedy tokens, one ``transformers`` forward pass each, computed lazily (stop consuming
+        to stop): the reference decoding."""
         prefix, rest = self._prompt_parts(request)
-        prefix_ids = self.tok(prefix, add_special_tokens=False)["input_ids"]
-        if self.tok.bos_token_id is not None:
-            prefix_ids = [self.tok.bos_token_id] + prefix_ids
+        prefix_ids = self._prefix_token_ids(prefix)
         enc = self.processor(text=rest, images=np.asarray(image), add_special_tokens=False, return_tensors="pt")
         rest_ids = enc["input_ids"].to(self.device)
         pixels = enc["pixel_values"].to(self.device, self._pixel_dtype)
@@ -233,12 +326,196 @@ class VLMPlanner:
             out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=cache,
                              use_cache=True)
 
+    # ------------------------------------------------------------------ fast queries
+    def _encode(self, text: str) -> list[int]:
+        cache = self._shared["encode"]
+        if text not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return cache[text]
+
+    def _rest_ids(self, rest: str, image: np.ndarray) -> list[int]:
+        """Token ids of the prompt from the image token on (image placeholders expanded)."""
+        key = (rest, image.shape[:2])
+        cache = self._shared["rest"]
+        if key not in cache:
+            enc = self.processor(text=rest, images=image, add_special_tokens=False, return_tensors="pt")
+            cache[key] = enc["input_ids"][0].tolist()
+        return cache[key]
+
+    def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
+        """``(B, 3, S, S)``: the processor's pixel values (through its lookup table when exact)."""
+        from .vlm_runtime import PixelTable
+
+        shape = images[0].shape[:2]
+        tables = self._shared["pixel_table"]
+        if shape not in tables:
+            tables[shape] = PixelTable.build(self.processor.image_processor, shape)
+        table = tables[shape]
+        if table is not None and all(im.shape[:2] == shape for im in images):
+            pixels = torch.from_numpy(table(np.stack(images)))
+        else:
+            pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self._pixel_dtype)
+
+    def _update_prefix(self, prefix_ids: list[int]) -> None:
+        """The KV cache of ``prefix_ids``: kept, extended from the longest common prefix, or new."""
+        from .vlm_runtime import KVBatch
+
+        old = self._kv_ids if self._kv is not None else None
+        if old == prefix_ids:
+            return
+        common = 0
+        if old is None:
+            self._kv = KVBatch.empty(self.runtime, self.device, capacity=len(prefix_ids) + 256)
+        else:
+            limit = min(len(old), len(prefix_ids))
+            while common < limit and old[common] == prefix_ids[common]:
+                common += 1
+            common = min(common, len(prefix_ids) - 1)  # at least one token to run
+            self._kv.crop(common)  # in place: the common part is kept, the rest overwritten
+        new = prefix_ids[common:]
+        ids = torch.tensor([new], device=self.device)
+        self.runtime.forward(self._kv, self.runtime.embed(ids), torch.tensor([len(new)], device=self.device), keep=0)
+        self._kv_ids = list(prefix_ids)
+        self.stats.prefill_tokens += len(new)
+
+    def _lookup(self, generated: list[int], n_max: int = 8) -> list[int]:
+        """Prompt-lookup draft: the tokens that followed the last earlier occurrence of the n-gram
+        (n = 3, then 2) that ends ``generated``, in the prompt prefix (task, memory) and the line."""
+        context = self._kv_ids + generated
+        for n in (3, 2):
+            if len(generated) < n:
+                continue
+            tail = generated[-n:]
+            for i in range(len(context) - n - 1, -1, -1):
+                if context[i:i + n] == tail:
+                    return context[i + n:i + n + n_max]
+        return []
+
+    @staticmethod
+    @torch.no_grad()
+    def plan_many(planners: list["VLMPlanner"], images: list[np.ndarray], requests: list[bool]) -> list[PlanStep]:
+        """One query per planner (``request``: the key-step request of ``next_key_step``, else a
+        ``step``), run as batches: one per request kind. ``planners`` share one model (``fork``);
+        ``images``: ``(H, W, 3)`` uint8 each. Returns the PlanSteps in order; memories updated."""
+        out: list[PlanStep | None] = [None] * len(planners)
+        for kind in sorted(set(bool(r) for r in requests)):
+            rows = [i for i, r in enumerate(requests) if bool(r) == kind]
+            steps = VLMPlanner._plan_batch([planners[i] for i in rows], [np.asarray(images[i]) for i in rows], kind)
+            for i, step in zip(rows, steps):
+                out[i] = step
+        return out
+
+    @staticmethod
+    def _plan_batch(planners: list["VLMPlanner"], images: list[np.ndarray], request: bool) -> list[PlanStep]:
+        first = planners[0]
+        rt = first.runtime
+        B = len(planners)
+        lines = [_Line(p, request, p._stop_target(request)) for p in planners]
+        rest_text = None
+        for p in planners:
+            prefix, rest = p._prompt_parts(request)
+            p._update_prefix(p._prefix_token_ids(prefix))
+            rest_text = rest
+        rest_ids = first._rest_ids(rest_text, images[0])
+        # vision features, reused where the image is the last one
+        feats: list[torch.Tensor | None] = []
+        for p, im in zip(planners, images):
+            same = p._last_image is not None and p._last_image.shape == im.shape and np.array_equal(p._last_image, im)
+            feats.append(p._last_features if same else None)
+            p.stats.vision_reuses += same
+        todo = [i for i, f in enumerate(feats) if f is None]
+        if todo:
+            new = rt.image_features(first._pixels([images[i] for i in todo]))
+            for j, i in enumerate(todo):
+                feats[i] = new[j:j + 1]
+                planners[i]._last_image, planners[i]._last_features = images[i].copy(), feats[i]
+        # rows of similar prefix lengths go together (padding a batch to one very long prompt would
+        # make every row pay for it); a row alone runs on its own prefix cache, in place
+        order = sorted(range(B), key=lambda i: planners[i]._kv.size)
+        groups, start = [], 0
+        for end in range(1, B + 1):
+            if end == B or planners[order[end]]._kv.size > 1.5 * planners[order[start]]._kv.size + 64:
+                groups.append(order[start:end])
+                start = end
+        for group in groups:
+            VLMPlanner._decode([planners[i] for i in group], [lines[i] for i in group], [feats[i] for i in group],
+                               rest_ids)
+        return [line.finish() for line in lines]
+
+    @staticmethod
+    def _decode(planners: list["VLMPlanner"], lines: list[_Line], feats: list[torch.Tensor], rest_ids: list[int]):
+        """Greedy decoding of one batch: the image and what follows it, each row's draft, then the
+        diverged rows token by token (with drafts looked up in the prompt)."""
+        from .vlm_runtime import KVBatch
+
+        first = planners[0]
+        rt, device, tok = first.runtime, first.device, first.tok
+        B = len(planners)
+        drafts = [line.draft() for line in lines]
+        width = max(len(d) for d in drafts)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([rest_ids + d + [pad] * (width - len(d)) for d in drafts], device=device)
+        embeds = rt.embed(ids)
+        image_rows = ids[0] == rt.image_token_id
+        embeds[:, image_rows] = torch.cat(feats).to(embeds.dtype)
+        own = first._kv.size if B == 1 else None  # a row alone works in its prefix cache, cropped back after
+        kv = first._kv if B == 1 else KVBatch.stack([p._kv for p in planners], extra=ids.shape[1] + 16)
+        n_new = torch.tensor([len(rest_ids) + len(d) for d in drafts], device=device)
+        logits = rt.forward(kv, embeds, n_new, keep=width + 1)
+        for p, d in zip(planners, drafts):
+            p.stats.prefill_tokens += len(rest_ids)
+            p.stats.drafted += len(d)
+        rows = list(range(B))  # batch row -> planner index
+        pending: dict[int, int] = {}  # planner index -> the token to run next
+        feeds = [(b, drafts[b], logits[b]) for b in range(B)]
+        while True:
+            best = logits.argmax(-1).tolist()  # (rows, positions): one device sync per forward
+            for r, (b, draft, row_logits) in enumerate(feeds):
+                line = lines[b]
+                line.forwards += 1
+                more = True
+                for j in range(len(draft) + 1):
+                    token = planners[b]._choose(row_logits[j], line.ids, best=best[r][j])
+                    more = line.feed(token)
+                    accepted = j < len(draft) and token == draft[j]
+                    planners[b].stats.accepted += accepted
+                    if not more or not accepted:
+                        kv.reject(r, len(draft) - j - (1 if accepted else 0))
+                        break
+                if more:
+                    pending[b] = token
+            active = [b for b in rows if b in pending]
+            if not active:
+                break
+            kv = kv.select([rows.index(b) for b in active])
+            rows = active
+            step_drafts = []
+            for b in rows:
+                p = planners[b]
+                d = p._lookup(lines[b].ids) if p.lookup_drafts else []
+                d = d[: max(0, p.max_new_tokens - len(lines[b].ids) - 1)]
+                step_drafts.append(d)
+                p.stats.drafted += len(d)
+            width = max(len(d) for d in step_drafts)
+            ids = torch.tensor([[pending[b]] + d + [pad] * (width - len(d)) for b, d in zip(rows, step_drafts)],
+                               device=device)
+            n_new = torch.tensor([1 + len(d) for d in step_drafts], device=device)
+            logits = rt.forward(kv, rt.embed(ids), n_new, keep=width + 1)
+            feeds = [(b, d, logits[r]) for r, (b, d) in enumerate(zip(rows, step_drafts))]
+            pending.clear()
+        if own is not None:
+            first._kv.crop(own)
+
     _GET_ACTOR = re.compile(r"get_actor\(")
 
-    def _choose(self, logits: torch.Tensor, generated: list[int], candidates: int = 256) -> int:
+    def _choose(self, logits: torch.Tensor, generated: list[int], candidates: int = 256, best: int | None = None) -> int:
         """Greedy choice; with object-constrained decoding, the best token whose text keeps every
-        ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed)."""
-        token = int(logits.argmax())
+        ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed).
+        ``best``: ``logits.argmax()`` if already known (batched decoding reads them at once)."""
+        token = int(logits.argmax()) if best is None else int(best)
         if not (self.constrain_objects and self.objects):
             return token
         if self._names_ok(self.tok.decode(generated + [token], skip_special_tokens=True)):
@@ -272,6 +549,15 @@ class VLMPlanner:
     # ------------------------------------------------------------------ checking
     def check(self, line: str) -> str | None:
         """None if ``line`` (or, commented, its code) is valid skill-API code; else the reason."""
+        key = (line, tuple(self.objects) if self.objects is not None else None)
+        checks = self._shared["checks"]
+        if key not in checks:
+            if len(checks) > 4096:
+                checks.clear()
+            checks[key] = self._check(line)
+        return checks[key]
+
+    def _check(self, line: str) -> str | None:
         from envs.skills.interpreter import CodeError, Interpreter
 
         if self._parser is None:

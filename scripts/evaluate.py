@@ -1,7 +1,7 @@
 """`make eval`: roll out a policy on tasks with fixed seeds; writes a results table and TensorBoard logs.
 
-Usage: evaluate.py POLICY=vlm_dp DP=<ckpt> VLM=<dir> [TASKS=L0+L1] [EPISODES=64] [WORKERS=1] [OUT=...]
-       [key=value ...]                                                      (config: configs/eval.yaml)
+Usage: evaluate.py POLICY=vlm_dp DP=<ckpt> VLM=<dir> [TASKS=L0+L1] [EPISODES=64] [WORKERS=1]
+       [ENVS_PER_WORKER=1] [OUT=...] [key=value ...]                        (config: configs/eval.yaml)
 The cameras render at the checkpoint's image size (the DP's, else the VLM's) unless
 env.image_size=... is given.
 
@@ -16,7 +16,8 @@ from pathlib import Path
 from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPISODES": "episodes",
-           "SEED_START": "seed_start", "WORKERS": "workers", "OUT": "out", "MAX_STEPS": "max_steps",
+           "SEED_START": "seed_start", "WORKERS": "workers", "ENVS_PER_WORKER": "envs_per_worker", "OUT": "out",
+           "MAX_STEPS": "max_steps",
            "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
@@ -60,11 +61,11 @@ def main(argv: list[str]) -> int:
     if not any(a.startswith("env.image_size=") for a in argv):  # the checkpoint's own camera size
         cfg.env.image_size = checkpoint_image_size(policy) or cfg.env.image_size
     print(to_yaml(cfg))
-    workers = int(cfg.workers)
-    if workers > 0:
-        policy = None  # the workers build their own from the spec
-    result = evaluate(policy if workers == 0 else spec, tasks, int(cfg.episodes), seed_start=int(cfg.seed_start),
-                      workers=workers, image_size=int(cfg.env.image_size), backend=str(cfg.env.backend),
+    workers, envs_per_worker = int(cfg.workers), int(cfg.envs_per_worker)
+    if workers > 0 or envs_per_worker > 1:
+        policy = spec  # each process builds its own policies (B of them sharing the networks) from the spec
+    result = evaluate(policy, tasks, int(cfg.episodes), seed_start=int(cfg.seed_start), workers=workers,
+                      envs_per_worker=envs_per_worker, image_size=int(cfg.env.image_size), backend=str(cfg.env.backend),
                       max_steps=int(cfg.max_steps) or None, stop_on_success=bool(cfg.stop_on_success),
                       video_episodes=int(cfg.video_episodes), progress=True)
     write_outputs(cfg, result)

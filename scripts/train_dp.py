@@ -17,7 +17,7 @@ def build(cfg):
     """(module, datamodule) for a resolved config."""
     from omegaconf import OmegaConf
 
-    import envs
+    from datamodules.dataset import resolve_dataset_tasks
     from datamodules.dp_datamodule import DiffusionPolicyDataModule
     from lightning_modules.dp.module import DiffusionPolicyModule
     from lightning_modules.dp.processor import CONDITIONING, check_conditioning
@@ -28,13 +28,18 @@ def build(cfg):
         data_cfg["chunk_end"] = "episode" if cfg.conditioning in ("task", "none") else "line"
     label_set = cfg.vlm_label_set if cfg.conditioning == "vlm" else CONDITIONING[cfg.conditioning]
     datamodule = DiffusionPolicyDataModule(
-        cfg.data_dir, envs.resolve_tasks(cfg.tasks), label_set=label_set,
+        cfg.data_dir, resolve_dataset_tasks(cfg.tasks, cfg.data_dir), label_set=label_set,
         shift_k=cfg.shift_k if cfg.conditioning == "code_shifted" else 0, horizon=cfg.model.horizon,
         seed=cfg.seed, observation=cfg.model.observation, **data_cfg)
-    module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning},
+    stats = datamodule.stats()
+    # the proprio width comes from the data: qpos + qvel + tcp_pose, 21 on our Panda, 29 on
+    # ClevrSkills' xArm6 with its vacuum joints (make import-clevrskills)
+    proprio_dim = sum(len(stats[k]["mean"]) for k in ("qpos", "qvel", "tcp_pose"))
+    module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning,
+                                          "proprio_dim": proprio_dim},
                                    optim=OmegaConf.to_container(cfg.optim), ema=OmegaConf.to_container(cfg.ema),
                                    n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches)
-    module.set_stats(datamodule.stats())
+    module.set_stats(stats)
     return module, datamodule
 
 
@@ -55,6 +60,7 @@ def rollout_callbacks(cfg) -> list:
             policy, options = "dp_oracle", {"insert_positions": False}
     return [RolloutEvaluation(r.tasks or cfg.tasks, policy=policy, vlm=r.vlm, episodes=r.episodes,
                               every_n_val_epochs=r.every_n_val_epochs, workers=r.workers,
+                              envs_per_worker=r.envs_per_worker,
                               image_size=r.image_size, max_steps=r.max_steps, video_episodes=r.video_episodes,
                               options=options)]
 

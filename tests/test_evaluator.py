@@ -49,6 +49,15 @@ def test_two_spawn_workers_give_the_same_per_seed_results(one_process):
     np.testing.assert_array_equal(two.counts(), one_process.counts())
 
 
+@pytest.mark.parametrize("workers, envs", [(0, 3), (1, 2)])
+def test_environments_stepped_side_by_side_give_the_same_per_seed_results(one_process, workers, envs):
+    """B environments per process (slots refilled from the job queue as episodes end, shared by
+    the workers): the per-seed results and their order do not change."""
+    batched = evaluate(PolicySpec("oracle"), TASKS, workers=workers, envs_per_worker=envs, **KWARGS)
+    assert [(e.task, e.seed) for e in batched.episodes] == [(t, s) for t in TASKS for s in SEEDS]
+    assert outcomes(batched) == outcomes(one_process)
+
+
 def test_rank_shards_partition_the_seeds_and_sum_to_the_totals(one_process):
     shards = [evaluate(PolicySpec("oracle"), TASKS, rank=r, world_size=2, **KWARGS) for r in (0, 1)]
     assert sorted({e.seed for e in shards[0].episodes}) == SEEDS[0::2]

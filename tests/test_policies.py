@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from configs.errors import ConfigError
 from datamodules.labels import commented
 from envs.oracle import run_oracle
 from policies.base import PolicyFailure
@@ -312,6 +313,26 @@ def test_dp_oracle_tracks_the_oracle_lines_with_positions_inserted(make_task_env
     assert key_t[:3] == [0, 1, 2]
     assert [c[1] for c in dp.calls[:3]] == ["None", instructions[0], instructions[0] + "\n" + instructions[1]]
     assert dp.calls[-1][1].count("pose_dict[") == 3
+
+
+def test_dp_paced_oracle_gives_the_next_line_when_the_dp_holds(make_task_env):
+    """pace='dp': the oracle's next line starts when the DP's chunk ends in holds, never when a
+    skill's own test would end it; its query still runs on the scene (the goal is stored)."""
+    env = make_task_env("Push", 32)
+    dp = HoldingDP(horizon=8, n_action_steps=4)
+    policy = DPOracle(dp, insert_positions=False, pace="dp")
+    policy.attach(env)
+    result, _ = run_episode(env, policy, seed=100000, max_steps=13)
+    assert result.steps == 13
+    goal, move, push = policy.memory[:3]
+    assert goal.startswith("pose_dict['goal'] = offset_pose(") and move.startswith("move3d(")
+    assert push.startswith("push(") and len(policy.memory) == 3
+    # chunk 0 (t = 0..3) holds at its end -> move3d at t = 4; chunk 1 (t = 4..7) does not, so
+    # chunk 2 (t = 8..11) gets the running line commented; it holds -> push at t = 12
+    assert [c[0] for c in dp.calls] == [goal, move, commented(move), push]
+    assert "goal" in policy.pose_dict() and policy.stats()["key_steps"] == 3
+    with pytest.raises(ConfigError):
+        DPOracle(dp, pace="skills")
 
 
 def test_tracker_slack_widens_skill_tolerances_and_caps(make_task_env):

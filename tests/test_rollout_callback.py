@@ -98,7 +98,7 @@ def test_oracle_rollouts_every_second_validation_with_scalars_and_videos(tmp_pat
 
 def test_failed_round_is_logged_and_training_continues_with_the_next_round(tmp_path):
     rollout = RolloutEvaluation("Topple", policy="flat_dp", episodes=2, image_size=32, max_steps=6,
-                                video_episodes=0)
+                                video_episodes=0, envs_per_worker=2)  # both episodes in one batch
     trainer = trainer_for(tmp_path, [rollout], max_epochs=2)
     trainer.fit(TinyModule(fail_export={(0, 1)}))
     (step1, first), (step2, second) = rollout.history

@@ -81,10 +81,10 @@ def test_version_1_files_are_read_but_refused_for_the_state_observation(data, tm
         OracleStepDataset(files, load_state=True)
 
 
-def make_module(data, conditioning="code"):
+def make_module(data, conditioning="code", **model):
     dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=8, num_workers=0, val_fraction=0.5,
                                    observation="state")
-    module = DiffusionPolicyModule(model={**TINY_STATE, "conditioning": conditioning},
+    module = DiffusionPolicyModule(model={**TINY_STATE, "conditioning": conditioning, **model},
                                    optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
     module.set_stats(dm.stats())
     dm.setup()
@@ -111,8 +111,8 @@ def test_conditioning_depends_on_object_poses_roles_and_targets(data):
 
 def test_target_tokens_carry_the_offset_from_the_named_object(data):
     """A target's features: position, offset from the TCP, offset from the role-1 object (zero
-    when the text names no object); a model built without the offset (older checkpoints) drops it."""
-    module, dm = make_module(data)
+    when the text names no object); a model built without the offset (the default) drops it."""
+    module, dm = make_module(data, target_object_offset=True)
     batch = torch.utils.data.default_collate([dm.train_set[i] for i in range(2)])
     names = [n.split("\n") for n in batch["object_names"]]
     keys = [k.split("\n") for k in batch["pose_keys"]]
@@ -127,8 +127,8 @@ def test_target_tokens_carry_the_offset_from_the_named_object(data):
     assert mask[0, 0] and not mask[0, 1]
     assert torch.allclose(feats[0, 0], torch.cat([p, p - tcp[0], p - pose[0, 1, :3]]) * 10.0)
     assert torch.equal(feats[1, 0, 6:], torch.zeros(3))  # no object named: no offset
-    legacy = StateTokens(16, module.model.text.dim, object_offset=False)
-    assert legacy.targets[0].in_features == 6 and state.targets[0].in_features == 9
+    base = StateTokens(16, module.model.text.dim)
+    assert base.targets[0].in_features == 6 and state.targets[0].in_features == 9
 
 
 def test_state_policy_acts_through_dp_oracle_in_the_simulator(data, tmp_path):

@@ -40,7 +40,7 @@ class Scripted(VLMPlanner):
     """A planner whose 'model' emits scripted lines, token by token (counts what it consumed)."""
 
     def __init__(self, parts, lines, **kw):
-        super().__init__(*parts, **kw)
+        super().__init__(*parts, fast=False, **kw)  # the reference decoding reads _token_stream
         self.lines = list(lines)
         self.consumed = 0
         self.requests = []
@@ -191,7 +191,7 @@ def test_prefix_cache_gives_the_same_lines_with_less_prefill(parts):
     images = rng.integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
     out = {}
     for cache in (False, True):
-        planner = VLMPlanner(model, processor, early_stop_k=0, max_new_tokens=8, use_prefix_cache=cache)
+        planner = VLMPlanner(model, processor, early_stop_k=0, max_new_tokens=8, use_prefix_cache=cache, fast=False)
         planner.reset("Place the red cube to the left of the blue cylinder.")
         lines = []
         for im in images:  # the same memory at every step (random lines would change it)
@@ -211,3 +211,132 @@ def test_prefix_cache_gives_the_same_lines_with_less_prefill(parts):
         pre = model(input_ids=torch.tensor([ids]), use_cache=True)
         part = model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], past_key_values=pre.past_key_values)
     torch.testing.assert_close(whole.logits[0, -1], part.logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- fast queries
+PROMPT = "Place the red cube to the left of the blue cylinder."
+KEYS = [x for x in TRACE if not x.startswith("#")]
+
+
+def bright(on: bool, rng) -> np.ndarray:
+    """A noisy 32 px image, bright or dark: the trained model's cue (see ``trained``)."""
+    return np.clip((190 if on else 60) + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def trained(parts):
+    """The tiny LLaVA trained for a few seconds on one rule: with a bright image it answers the
+    commented last key-step of its memory, with a dark one the next key-step of TRACE. Fast and
+    reference decoding then meet what they meet in rollouts: early stops, drafts rejected at the
+    first token, and new lines decoded token by token."""
+    import copy
+
+    from datamodules.vqa import PromptFormat
+
+    model, processor = copy.deepcopy(parts[0]), parts[1]
+    tok, rng = processor.tokenizer, np.random.default_rng(0)
+    samples = []
+    for t in range(1, len(KEYS)):
+        for on in (True, False):
+            answer = "# " + KEYS[t - 1] if on else KEYS[t]
+            enc = processor(text=PromptFormat().prompt(code_question(PROMPT, KEYS[:t])), images=bright(on, rng),
+                            add_special_tokens=False, return_tensors="pt")
+            a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = [tok.bos_token_id] + enc["input_ids"][0].tolist() + a
+            samples.append((ids, [-100] * (len(ids) - len(a)) + a, enc["pixel_values"][0]))
+    n = max(len(s[0]) for s in samples)
+    ids = torch.tensor([s[0] + [tok.pad_token_id] * (n - len(s[0])) for s in samples])
+    labels = torch.tensor([s[1] + [-100] * (n - len(s[1])) for s in samples])
+    mask = (torch.arange(n)[None] < torch.tensor([len(s[0]) for s in samples])[:, None]).long()
+    pixels = torch.stack([s[2] for s in samples])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(70):
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), processor
+
+
+def closed_loop(planner, images, objects=None):
+    """Steps on the planner's own memory: (line, tokens, early stop) per image."""
+    planner.reset(PROMPT, objects=objects)
+    return [(s.line, s.tokens, s.early_stopped) for s in map(planner.step, images)]
+
+
+@pytest.mark.parametrize("early_stop_k, objects", [(2, None), (6, ["red cube", "blue cylinder"]), (0, None)])
+def test_fast_queries_give_the_reference_tokens(trained, early_stop_k, objects):
+    """Token for token the greedy output of the reference decoding (one library forward per
+    token), with early stops, verified drafts and new lines, in fewer forward passes."""
+    rng = np.random.default_rng(1)
+    images = [bright(t % 4 != 0, rng) for t in range(14)]
+    images[5] = images[4].copy()  # an unchanged image: its vision features are reused
+    runs = {}
+    for fast in (False, True):
+        planner = VLMPlanner(*trained, early_stop_k=early_stop_k, max_new_tokens=40, fast=fast)
+        runs[fast] = (closed_loop(planner, images, objects), planner.stats)
+    (ref, ref_stats), (fast, fast_stats) = runs[False], runs[True]
+    assert fast == ref
+    lines = [x[0] for x in ref]
+    assert sum(not x.startswith("#") for x in lines) >= 3 and sum(x.startswith("#") for x in lines) >= 6
+    if early_stop_k:
+        assert sum(x[2] for x in ref) >= 6
+    assert fast_stats.tokens == ref_stats.tokens and fast_stats.errors == ref_stats.errors
+    assert fast_stats.forwards < 0.7 * ref_stats.forwards  # drafts verified in the prefill pass
+    assert fast_stats.accepted > 0 and fast_stats.vision_reuses == 1
+    assert fast_stats.prefill_tokens < ref_stats.prefill_tokens  # the prefix grows incrementally
+
+
+def test_plan_many_batches_give_each_planner_its_own_answer(trained):
+    """Five forks with different memories, images and request kinds, as one call: the same
+    PlanSteps as each planner alone (fast and reference) and their memories updated. The one
+    with a far longer memory is decoded apart from the others (no padding to its length)."""
+    rng = np.random.default_rng(2)
+    base = VLMPlanner(*trained, early_stop_k=2, max_new_tokens=40)
+    planners = [base.fork() for _ in range(5)]
+    alone = [VLMPlanner(*trained, early_stop_k=2, max_new_tokens=40, fast=fast) for fast in (True, False)]
+    setups = [(KEYS[:1], True, False), (KEYS[:3], False, False), (KEYS[:2], False, True), (KEYS[:4], True, False),
+              (KEYS * 6, True, False)]
+    images = [bright(on, rng) for _, on, _ in setups]
+    for p, (memory, _, _) in zip(planners, setups):
+        p.reset(PROMPT)
+        p.memory = list(memory)
+    for _ in range(2):  # the second round: grown memories, the same images (vision reuse)
+        expected = []
+        for p, image, (_, _, request) in zip(planners, images, setups):
+            steps = []
+            for single in alone:
+                single.reset(PROMPT)
+                single.memory = list(p.memory)
+                steps.append(single.next_key_step(image) if request else single.step(image))
+            assert (steps[0].line, steps[0].tokens) == (steps[1].line, steps[1].tokens)
+            expected.append((steps[0], single.memory))
+        got = VLMPlanner.plan_many(planners, images, [r for _, _, r in setups])
+        for p, step, (want, memory) in zip(planners, got, expected):
+            assert (step.line, step.tokens, step.early_stopped, step.error) == \
+                (want.line, want.tokens, want.early_stopped, want.error)
+            assert p.memory == memory
+    assert any(s.early_stopped for s in got) and any(s.new_key_step for s in got)
+    assert sum(p.stats.vision_reuses for p in planners) == 5
+    assert planners[4]._kv.size > 4 * planners[3]._kv.size
+    assert base.memory == [] and base.stats.calls == 0  # forks do not touch each other
+
+
+def test_fast_queries_of_a_random_model_match_token_for_token(parts):
+    """A random-init model (long garbage lines up to max_new_tokens, object-constrained): the
+    same tokens fast, batched and reference, the prefix grown from a common token prefix."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
+    out = {}
+    for fast in (False, True):
+        planner = VLMPlanner(*parts, early_stop_k=6, max_new_tokens=12, fast=fast)
+        planner.reset(PROMPT, objects=["red cube", "blue cylinder"])
+        lines = []
+        for t, im in enumerate(images):
+            planner.memory = list(KEYS[:t + 1])  # the memory grows by one line per step
+            s = planner.step(im)
+            lines.append((s.line, s.tokens, s.error))
+        out[fast] = lines
+    assert out[True] == out[False]
+    assert all(tokens == 12 for _, tokens, _ in out[False])  # no EOS: every token was decoded

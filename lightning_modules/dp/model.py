@@ -72,7 +72,7 @@ class DiffusionPolicyModel(nn.Module):
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
-                 target_object_offset: bool = True, proprio_dim: int = PROPRIO_DIM):
+                 target_object_offset: bool = False, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:

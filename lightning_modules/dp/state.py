@@ -21,11 +21,11 @@ Tokens (``StateTokens``), each ``d_model`` wide:
     names in whatever text conditions the DP, so the flat baseline's task prompt gets the same
     grounding as a code line: what differs between them is only what the text says.
   * one per ``pose_dict['key']`` read in the conditioning text (in order, at most
-    ``MAX_TARGETS``): the stored position, its offset from the TCP and (``object_offset``) its
-    offset from the role-1 object, zero when the text names none. A task prompt has none.
-    The object offset makes a push's direction and remaining distance (goal - object) and a
-    place's correction (target - held object) linear in the features: without it the state DP
-    under DP+Oracle pushed from the wrong side or lifted 4 cm early (README, session 6).
+    ``MAX_TARGETS``): the stored position, its offset from the TCP and, with ``object_offset``
+    (config ``model.target_object_offset``, default off), its offset from the role-1 object, zero
+    when the text names none. A task prompt has none. The object offset makes a push's remaining
+    distance (goal - object) linear in the features; measured, it did not help DP+Oracle on L0
+    (Push 8/32 against 15/32 without, one training each; README), so it is off by default.
   * ``skip``: the tokens of role 1, role 2 and the two targets (zeros where absent), which feed
     FiLM directly (with the proprio and suction tokens), as ``obs_skip`` does for the cameras.
 Positions are scaled by ``POS_SCALE`` (metres to decimetres) so that features are of order 1.
@@ -46,7 +46,7 @@ MAX_TARGETS = 2  # pose_dict reads per line
 POS_SCALE = 10.0
 OBJECT_FEATURES = 3 + 4 + 2 + 3  # position, quaternion, size, position - tcp
 TARGET_FEATURES = 3 + 3 + 3  # position, position - tcp, position - role-1 object
-LEGACY_TARGET_FEATURES = 3 + 3  # checkpoints before the object offset
+BASE_TARGET_FEATURES = 3 + 3  # without the object offset
 N_SKIP = MAX_ROLES + MAX_TARGETS
 
 
@@ -95,13 +95,13 @@ def _mlp(n_in: int, d: int) -> nn.Sequential:
 class StateTokens(nn.Module):
     """State keys + conditioning texts -> object and target tokens, their padding, skip tokens."""
 
-    def __init__(self, d_model: int, text_dim: int, object_offset: bool = True):
+    def __init__(self, d_model: int, text_dim: int, object_offset: bool = False):
         super().__init__()
         self.object_offset = bool(object_offset)
         self.objects = _mlp(OBJECT_FEATURES, d_model)
         self.name_proj = nn.Linear(text_dim, d_model)
         self.role = nn.Embedding(MAX_ROLES + 1, d_model)
-        self.targets = _mlp(TARGET_FEATURES if object_offset else LEGACY_TARGET_FEATURES, d_model)
+        self.targets = _mlp(TARGET_FEATURES if object_offset else BASE_TARGET_FEATURES, d_model)
         self.target_type = nn.Parameter(torch.randn(MAX_TARGETS, d_model) * 0.02)
 
     def forward(self, batch: dict, texts: list[str] | None, tcp: torch.Tensor, text_encoder):
@@ -129,7 +129,7 @@ class StateTokens(nn.Module):
         anchor = (pose[..., :3] * first[..., None]).sum(1)
         targets, target_mask = self._targets(batch, texts, tcp, anchor, first.any(1))
         if not self.object_offset:
-            targets = targets[..., :LEGACY_TARGET_FEATURES]
+            targets = targets[..., :BASE_TARGET_FEATURES]
         tgt = (self.targets(targets) + self.target_type) * target_mask[..., None]
         role_onehot = torch.stack([(roles == r) & mask for r in range(1, MAX_ROLES + 1)], 1).float()
         skip = torch.cat([role_onehot @ obj, tgt], 1)  # (B, MAX_ROLES + MAX_TARGETS, D)

@@ -8,7 +8,9 @@ Backends:
 
 The encoder is frozen and is not part of the policy's ``state_dict`` (checkpoints name it
 instead). Its per-token hidden states are cached per string: a dataset has few unique
-instructions, so after the first epoch the encoder no longer runs.
+instructions, so after the first epoch the encoder no longer runs. A string goes into the cache
+encoded on its own (no padding), so its states do not depend on which strings came with it:
+a policy acting in a batch of environments reads the states it reads alone.
 
 ``encode(texts)`` -> ``tokens`` (B, L, D) float, ``mask`` (B, L) bool (True = a real token);
 an empty string gives zero tokens (an all-False row).
@@ -65,9 +67,8 @@ class FrozenTextEncoder:
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device
         if self.use_cache:
-            new = sorted({t for t in texts if t and t not in self.cache})
-            if new:
-                self.cache.update(zip(new, self._run(new)))
+            for t in sorted({t for t in texts if t and t not in self.cache}):
+                self.cache[t] = self._run([t])[0]
             seqs = [self.cache[t] if t else None for t in texts]
         else:
             nonempty = [t for t in texts if t]
