@@ -120,9 +120,10 @@ def main(argv: list[str]) -> int:
         if training:
             parallel_stages(training, out / "logs")
         for policy in ("vlm_dp", "vlm_oracle"):
+            pacing = [f"QUERY_EVERY_STEP={str(bool(cfg.query_every_step)).lower()}"] if policy == "vlm_dp" else []
             stage(f"evaluate {policy}", "evaluate.py", f"POLICY={policy}", f"DP={dp / 'policy.pt'}",
                   f"VLM={vlm / 'export'}", f"TASKS={','.join(tasks)}", f"EPISODES={cfg.eval_episodes}",
-                  f"WORKERS={cfg.workers}", f"OUT={out / 'eval' / policy}", size)
+                  f"WORKERS={cfg.workers}", f"OUT={out / 'eval' / policy}", size, *pacing)
     except subprocess.CalledProcessError as e:
         print(f"error: stage failed ({' '.join(map(str, e.cmd[1:]))}, exit {e.returncode})", file=sys.stderr)
         return 1
