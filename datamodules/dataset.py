@@ -191,26 +191,11 @@ def resolve_dataset_tasks(spec, folder) -> list[str]:
     (imported data keeps ClevrSkills' names where the suite has no such task, e.g. ``Touch``)."""
     import envs
 
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    names: list[str] = []
-    for item in items:
-        for part in str(item).replace("+", ",").split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part not in envs.TASKS and part not in envs.LEVELS and part != "all" \
-                    and (Path(folder) / f"{part}.h5").is_file():
-                found = [part]
-            else:
-                try:
-                    found = envs.resolve_tasks(part)
-                except envs.UnknownTaskError as e:
-                    raise envs.UnknownTaskError(f"{e}; nor is there a task index file "
-                                                f"{Path(folder) / part}.h5") from None
-            names += [n for n in found if n not in names]
-    if not names:
-        raise envs.UnknownTaskError(f"no task selected by {spec!r}")
-    return names
+    folder = Path(folder)
+    try:
+        return envs.resolve_tasks(spec, extra_tasks={p.stem for p in folder.glob("*.h5")})
+    except envs.UnknownTaskError as e:
+        raise envs.UnknownTaskError(f"{e}; nor is there such a task index file <name>.h5 in {folder}") from None
 
 
 def dataset_files(folder, tasks: list[str], check: bool = True) -> list[Path]:

@@ -24,8 +24,9 @@ class UnknownTaskError(UserError, ValueError):
     """A task or level name that the suite does not have."""
 
 
-def resolve_tasks(spec) -> list[str]:
-    """Task names for ``spec`` (str or list), in registry order, without duplicates."""
+def resolve_tasks(spec, extra_tasks=()) -> list[str]:
+    """Task names for ``spec`` (str or list), in registry order, without duplicates.
+    ``extra_tasks``: other names accepted as themselves (tasks of an imported dataset)."""
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     names: list[str] = []
     for item in items:
@@ -37,7 +38,7 @@ def resolve_tasks(spec) -> list[str]:
                 found = list(TASKS)
             elif part in LEVELS:
                 found = LEVELS[part]
-            elif part in TASKS:
+            elif part in TASKS or part in extra_tasks:
                 found = [part]
             else:
                 raise UnknownTaskError(
