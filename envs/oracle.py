@@ -88,16 +88,18 @@ class SkillExecutor:
 
 
 def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int | None = None,
-             reset: bool = True, obs=None) -> Episode:
+             reset: bool = True, obs=None, speed_scale: float = 1.0) -> Episode:
     """Execute code lines (an iterable, possibly a generator reading the scene) in ``env``.
 
     ``lines`` may be a callable ``api -> iterable`` (the oracle) or a list of key-step lines
     (a replay). Code errors end the episode as a failure with the reason recorded.
+    ``speed_scale`` multiplies every speed the skills command (``controllers.Motion``).
     """
     if reset:
         obs, _ = env.reset(seed=seed)
     base = env.unwrapped
     executor = SkillExecutor(base)
+    executor.api.motion.speed_scale = float(speed_scale)
     program = lines(executor.api) if callable(lines) else iter(lines)
     cap = max_steps or base.max_steps
     ep = Episode(task=base.task_name, seed=seed, prompt=base.prompt(), objects=list(base.specs), success=False)
@@ -128,3 +130,12 @@ def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int 
 def run_oracle(env, seed: int, **kwargs) -> Episode:
     """Solve the task of ``env`` for ``seed`` with its scripted oracle."""
     return run_code(env, env.unwrapped.oracle, seed=seed, **kwargs)
+
+
+def oracle_speed_scale(seed: int, speed_range) -> float:
+    """The speed scale of seed ``seed``'s demonstration, uniform in ``speed_range`` = (lo, hi);
+    its own random stream, so the scene of the seed is unchanged. (1, 1): the oracle's speed."""
+    lo, hi = (float(v) for v in speed_range)
+    if lo == hi:
+        return lo
+    return float(np.random.default_rng([int(seed), 0x5BEED]).uniform(lo, hi))

@@ -29,6 +29,14 @@ during training without a VLM.
     The program's queries (``pose_dict`` assignments) are still evaluated on the current scene;
     its skills are never stepped, so no skill's step cap or phase can end a line that the DP is
     still executing.
+
+``reissue_after`` (``tracker`` pace; not in the paper; default 36, 0 = off): when one line has
+run that many steps since its key-step and the oracle's skill has not ended it, the line is
+given to the DP again as a key-step (plain, not commented; the memory is unchanged), as a
+planner repeats an instruction that was not carried out. Why (measured, README): a DP that had
+pushed an object 6 of the 10 cm lifted off and hovered under the commented ``# push(...)`` line
+until the step cap, a state no demonstration shows; given ``push(...)`` again from there it
+pushes again. 36: the longest line of the L0 demonstrations (Push's ``push``).
 """
 
 from __future__ import annotations
@@ -126,7 +134,7 @@ class DPOracle(ChunkedDP):
     kind = "dp_oracle"
 
     def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, pace: str = "tracker",
-                 max_line_steps: int = 100, **chunking):
+                 max_line_steps: int = 100, reissue_after: int = 36, **chunking):
         super().__init__(dp, **chunking)
         if pace not in PACES:
             raise ConfigError(f"unknown pace {pace!r} for dp_oracle; use one of {list(PACES)}")
@@ -134,6 +142,9 @@ class DPOracle(ChunkedDP):
         self.tracker_slack = float(tracker_slack)
         self.pace = pace
         self.max_line_steps = int(max_line_steps)
+        self.reissue_after = int(reissue_after)
+        if self.reissue_after < 0:
+            raise ConfigError(f"reissue_after={self.reissue_after} must be >= 0 (0: off)")
 
     def reset_instructions(self, prompt: str) -> None:
         if self.env is None:
@@ -142,7 +153,8 @@ class DPOracle(ChunkedDP):
         self.tracker.reset()
         self.memory: list[str] = []
         self.current = ""
-        self.line_steps = 0
+        self.line_steps = 0  # steps since the running line's key-step
+        self.reissued = 0
 
     def pose_dict(self) -> dict:
         return self.tracker.executor.api.pose_dict
@@ -150,6 +162,12 @@ class DPOracle(ChunkedDP):
     def next_instruction(self, observation: dict) -> tuple[str, bool, str]:
         cache_info = extract_memory_info(self.memory)  # M_t: key-step lines before t
         line, key_step = self.tracker.step() if self.pace == "tracker" else self._dp_paced_line()
+        if self.pace == "tracker":
+            self.line_steps = 1 if key_step else self.line_steps + 1
+            if (not key_step and self.reissue_after and self.current and not self.tracker.ended
+                    and self.line_steps > self.reissue_after):
+                self.line_steps, self.reissued = 1, self.reissued + 1
+                return self.current, True, cache_info  # the same line again, as a key-step
         if key_step:
             self.current = numeric_line(line, self.tracker.executor.api.pose_dict) if self.insert_positions else line
             self.memory.append(self.current)
@@ -165,3 +183,6 @@ class DPOracle(ChunkedDP):
         self.line_done, self.line_steps = False, 1
         line = self.tracker.next_line()
         return (line, True) if line is not None else (self.tracker.executor.line or "", False)
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), "reissued_lines": float(self.reissued)}

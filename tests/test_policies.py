@@ -335,6 +335,40 @@ def test_dp_paced_oracle_gives_the_next_line_when_the_dp_holds(make_task_env):
         DPOracle(dp, pace="skills")
 
 
+class StillDP(CountingDP):
+    """DP stand-in that never moves the arm (every action holds still, suction off)."""
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        super().predict_action_chunk(observation, instruction, cache_info)
+        chunk = np.zeros((self.horizon, 7), np.float32)
+        chunk[:, 6] = -1.0
+        return chunk
+
+
+@pytest.mark.parametrize("reissue_after", [0, 5])
+def test_tracker_reissues_a_line_the_dp_leaves_unfinished(make_task_env, reissue_after):
+    """reissue_after=N: a line that the oracle's skill has not ended N steps after its key-step
+    is given to the DP again as a key-step (plain, its chunk regenerated); the memory keeps one
+    copy. A still DP never finishes ``move3d``."""
+    env = make_task_env("Push", 32)
+    dp = StillDP(horizon=8, n_action_steps=4)
+    policy = DPOracle(dp, insert_positions=False, reissue_after=reissue_after)
+    policy.attach(env)
+    result, video = run_episode(env, policy, seed=100000, max_steps=20, record_video=True)
+    instructions = [c.lstrip().split(" ", 1)[1] for c in video.captions[:-1]]
+    goal, move = policy.memory
+    assert instructions[0] == goal and instructions[1] == move  # the assignment holds one step
+    plain = [t for t, c in enumerate(instructions) if c == move]
+    if reissue_after:
+        assert plain == [1, 6, 11, 16]  # key-step at t=1; after 5 steps unfinished, again
+        assert policy.stats()["reissued_lines"] == 3
+        assert [c[0] for c in dp.calls].count(move) == 4  # each reissue regenerates the chunk
+    else:
+        assert plain == [1] and policy.stats()["reissued_lines"] == 0
+    with pytest.raises(ConfigError):
+        DPOracle(dp, reissue_after=-1)
+
+
 def test_tracker_slack_widens_skill_tolerances_and_caps(make_task_env):
     """Motion.slack: a servo 9 mm from its goal is done with slack 2 and still moving with 1;
     its step cap doubles. DPOracle's tracker uses slack 2 by default."""

@@ -33,6 +33,10 @@ class Motion:
         # tracker, which runs the skills only to follow a learned policy, uses more: a learned
         # policy is less precise and slower than the controller it imitates.
         self.slack = float(slack)
+        # Every commanded speed is multiplied by ``speed_scale``. 1 for the oracle; data generation
+        # can draw it per episode (``make data oracle_speed=[lo,hi]``) so that how long a skill
+        # runs varies between demonstrations and only the scene tells when it is done.
+        self.speed_scale = 1.0
 
     def cap(self, max_steps: int) -> int:
         return int(round(max_steps * self.slack))
@@ -92,6 +96,7 @@ class Motion:
         return a
 
     def toward(self, goal: np.ndarray, speed: float, suction: bool) -> Action:
+        speed = speed * self.speed_scale
         delta = goal - self.tcp()
         dist = np.linalg.norm(delta)
         if dist > speed:
