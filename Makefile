@@ -28,12 +28,12 @@ export PYTHONUNBUFFERED ?= 1
 # GNU make keeps them in MAKEOVERRIDES in reverse order (and keeps only the
 # last of repeated names), with spaces inside values escaped as "\ ":
 # protect those, filter, and restore the command-line order.
-MAKE_OWN_VARS := PY PYTHON VENV PYTEST_ARGS TB_PORT XDG_RUNTIME_DIR HF_HUB_OFFLINE PYTHONUNBUFFERED
+MAKE_OWN_VARS := PY PYTHON VENV PYTEST_ARGS TB_PORT XDG_RUNTIME_DIR HF_HUB_OFFLINE PYTHONUNBUFFERED EXP OPTS
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 ARGS = $(strip $(subst @@SP@@,\ ,$(call reverse,$(filter-out $(addsuffix =%,$(MAKE_OWN_VARS)),$(subst \ ,@@SP@@,$(MAKEOVERRIDES))))))
 
 .PHONY: help install test test-all demo data check-data import-clevrskills export-llava train-vlm train-dp eval \
-        relabel-dp tensorboard bench clean distclean runtime-dir
+        relabel-dp experiment tensorboard bench clean distclean runtime-dir
 
 help: ## list the targets (default)
 	@echo "usage: make TARGET [NAME=value ...] [key.sub=value ...]"
@@ -68,7 +68,7 @@ test-all: install runtime-dir ## run all the tests, slow ones included
 demo: install runtime-dir ## run scripts/demo.py (command-line variables are passed on)
 	$(PY) scripts/demo.py $(ARGS)
 
-data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (TASKS= EPISODES= DATASET= SEED_START= WORKERS= OUT= key=value)
+data: install runtime-dir ## generate demonstrations: scripts/generate_data.py (TASKS= EPISODES= DATASET= SEED_START= WORKERS= OUT= [POLICY=vlm_oracle VLM=] key=value)
 	$(PY) scripts/generate_data.py $(ARGS)
 
 check-data: install runtime-dir ## verify a dataset's episode files: scripts/check_data.py (DATA= [TASKS=] [REPAIR=1] moves bad ones to quarantine/)
@@ -91,6 +91,11 @@ eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP=
 
 relabel-dp: install runtime-dir ## store VLM instructions as labels/vlm in the DP data: scripts/relabel_dp.py (DATASET= DATA= VLM= key=value)
 	$(PY) scripts/relabel_dp.py $(ARGS)
+
+EXPERIMENTS := table1 swap data_scaling ablate_chunking dataset_generation
+experiment: install runtime-dir ## a paper experiment: experiments/<EXP>.py (EXP=table1|swap|data_scaling|ablate_chunking|dataset_generation OPTS='--dry-run --quick --preset paper name=value')
+	@case " $(EXPERIMENTS) " in *" $(EXP) "*) ;; *) echo "error: EXP=$(EXP): one of $(EXPERIMENTS)" >&2; exit 2;; esac
+	$(PY) experiments/$(EXP).py $(OPTS)
 
 tensorboard: install ## TensorBoard on outputs/ (localhost, TB_PORT=6006)
 	$(PY) -m tensorboard.main --logdir outputs --port $(TB_PORT)

@@ -1,11 +1,13 @@
-"""Parallel, resumable oracle data generation (``make data``).
+"""Parallel, resumable data generation (``make data``).
 
-Seeds ``seed_start, seed_start+1, ...`` are solved by the task's oracle in worker processes
-(spawn, one env per process and task). Successful episodes are written as atomic episode
-files; failed seeds leave a small ``.failed`` marker with the reason, so a rerun neither
-repeats nor duplicates work. A task is complete when the first ``episodes`` successful seeds
-(in seed order) are on disk; the index keeps exactly those, so reruns and different worker
-counts give the same dataset.
+Seeds ``seed_start, seed_start+1, ...`` are solved in worker processes (spawn, one env per
+process and task) by the task's oracle, or with ``policy: vlm_oracle`` by VLM+Oracle (the paper's
+Figure 6 dataset: a trained VLM plans the key-steps and the oracle skills execute them, as
+``make eval POLICY=vlm_oracle`` runs it; the executed lines are the labels, in the same schema).
+Successful episodes are written as atomic episode files; failed seeds leave a small ``.failed``
+marker with the reason, so a rerun neither repeats nor duplicates work. A task is complete when
+the first ``episodes`` successful seeds (in seed order) are on disk; the index keeps exactly
+those, so reruns and different worker counts give the same dataset.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.errors import UserError
+from configs.errors import ConfigError, MissingInputError, UserError
 
 from . import schema
 from .labels import step_labels
+
+POLICIES = ("oracle", "vlm_oracle")  # who solves the seeds (``policy:`` of configs/data.yaml)
 
 
 class DataWriteError(UserError, OSError):
@@ -32,11 +36,19 @@ _WORKER_ENVS: dict = {}
 _WORKER_CFG: dict = {}
 
 
-def _init_worker(env_cfg: dict, out: str) -> None:
+def _init_worker(env_cfg: dict, out: str, solver: dict | None = None) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: running episodes finish, atomically
-    _WORKER_CFG.update(env=env_cfg, out=out)
+    _WORKER_CFG.update(env=env_cfg, out=out, solver=solver or {"policy": "oracle"})
+    if _WORKER_CFG["solver"]["policy"] == "vlm_oracle":
+        import torch
+
+        from policies.spec import resolve_device
+        from policies.vlm_planner import VLMPlanner
+
+        torch.set_num_threads(1)
+        _WORKER_CFG["planner"] = VLMPlanner.from_pretrained(_WORKER_CFG["solver"]["vlm"], device=resolve_device("auto"))
 
 
 def _worker_env(task: str):
@@ -52,12 +64,16 @@ def _worker_env(task: str):
 
 
 def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
-    """Worker job: run the oracle for ``seed`` and write its file (or a .failed marker)."""
-    from envs.oracle import run_oracle
+    """Worker job: solve ``seed`` (oracle or VLM+Oracle) and write its file (or a .failed marker)."""
+    from envs.oracle import oracle_speed_scale, run_oracle
     from envs.tabletop import observation_arrays
 
     env = _worker_env(task)
-    ep = run_oracle(env, seed, record_obs=True)
+    if _WORKER_CFG["solver"]["policy"] == "vlm_oracle":
+        ep = run_vlm_oracle(env, _WORKER_CFG["planner"], seed)
+    else:
+        ep = run_oracle(env, seed, record_obs=True,
+                        speed_scale=oracle_speed_scale(seed, _WORKER_CFG["solver"].get("oracle_speed", (1, 1))))
     folder = Path(_WORKER_CFG["out"]) / task
     name = schema.episode_name(seed)
     if not ep.success:
@@ -70,6 +86,62 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     schema.write_episode(folder / f"{name}.h5", ep, stacked, labels, [s.key_step for s in ep.steps],
                          np.array(ep.successes), [env.specs[n] for n in ep.objects], ep.pose_dict)
     return task, seed, True, "", len(ep)
+
+
+def run_vlm_oracle(env, planner, seed: int):
+    """One VLM+Oracle episode recorded like an oracle episode (:class:`envs.oracle.Episode`, with
+    observations): each step is labelled with the VLM line whose oracle skill produced the action.
+    It ends after ``done()``, at the task's step cap, or on bad VLM code (a recorded failure)."""
+    from envs.oracle import Episode, StepRecord
+    from envs.tabletop import observation_arrays
+    from policies.base import PolicyFailure
+    from policies.episodes import seed_everything
+    from policies.vlm_oracle import VLMOracle
+
+    seed_everything(seed)  # as the evaluator seeds an episode
+    obs, _ = env.reset(seed=seed)
+    base = env.unwrapped
+    policy = VLMOracle(planner)
+    policy.attach(env)
+    policy.reset(base.task_name, base.prompt())
+    ep = Episode(task=base.task_name, seed=seed, prompt=base.prompt(), objects=list(base.specs), success=False)
+    try:
+        while not policy.finished:
+            if len(ep.steps) >= base.max_steps:
+                ep.failure = f"step cap {base.max_steps} reached"
+                break
+            action = policy.act(observation_arrays(obs))
+            ep.steps.append(StepRecord(policy.executor.line, policy.executor.key_step))
+            ep.actions.append(action)
+            ep.observations.append(obs)
+            obs, _, _, _, info = env.step(action)
+            ep.successes.append(bool(info["success"]))
+    except PolicyFailure as e:
+        ep.failure = e.reason
+    ep.pose_dict = {k: tuple(float(v) for v in pose.p) for k, pose in policy.executor.api.pose_dict.items()}
+    ep.success = bool(ep.steps) and not ep.failure and bool(base.evaluate_success())
+    if not ep.success and not ep.failure:
+        ep.failure = "task not solved"
+    return ep
+
+
+def solver_config(cfg) -> dict:
+    """``{"policy": ..., "vlm": ...}`` (or ``"oracle_speed"``) of a data config, checked (raises a
+    user error); a config without ``policy`` (a programmatic one) is the oracle's."""
+    policy = str(cfg.get("policy", "oracle"))
+    if policy not in POLICIES:
+        raise ConfigError(f"POLICY={policy}: data is generated by one of {list(POLICIES)}")
+    if policy == "oracle":
+        speed = [float(v) for v in cfg.get("oracle_speed", [1.0, 1.0])]
+        if len(speed) != 2 or not 0.2 <= speed[0] <= speed[1] <= 2.0:
+            raise ConfigError(f"oracle_speed={speed}: expected [lo, hi] with 0.2 <= lo <= hi <= 2")
+        return {"policy": policy, "oracle_speed": tuple(speed)}
+    if not cfg.get("vlm"):
+        raise ConfigError("POLICY=vlm_oracle needs VLM=<export folder of make train-vlm>")
+    if not Path(cfg.vlm).exists():
+        raise MissingInputError(f"VLM={cfg.vlm}: no such exported VLM folder; train one with `make train-vlm` "
+                                f"(it writes <out>/export)")
+    return {"policy": policy, "vlm": str(Path(cfg.vlm).resolve())}
 
 
 def scan(folder: Path) -> tuple[set[int], dict[int, str]]:
@@ -89,14 +161,31 @@ def generate(cfg, tasks: list[str], progress: bool = True) -> dict:
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    solver = solver_config(cfg)
+    if solver["policy"] == "vlm_oracle":  # load it once here: a bad export is one error, not N broken workers
+        from policies.vlm_planner import VLMPlanner
+
+        VLMPlanner.from_pretrained(solver["vlm"], device="cpu")
     env_cfg = {"image_size": int(cfg.env.image_size), "backend": str(cfg.env.backend)}
+    previous = schema.read_manifest(out)
+    before = previous.get("generator", {})
+    had = {"policy": before.get("policy", "oracle"), "vlm": before.get("vlm")}
+    if previous and had != {"policy": solver["policy"], "vlm": solver.get("vlm")}:
+        raise ConfigError(f"OUT={out} holds episodes made by {had['policy']}{' with VLM ' + had['vlm'] if had['vlm'] else ''}; "
+                          f"pick a new OUT for POLICY={solver['policy']}")
+    had_speed = [float(v) for v in before.get("oracle_speed", [1.0, 1.0])]
+    if previous and solver["policy"] == "oracle" and had_speed != list(solver["oracle_speed"]):
+        raise ConfigError(f"OUT={out} holds episodes made with oracle_speed={had_speed}; "
+                          f"pick a new OUT for oracle_speed={list(solver['oracle_speed'])}")
+    out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": schema.FORMAT, "version": schema.VERSION, "generator": dict(
-        seed_start=int(cfg.seed_start), episodes=int(cfg.episodes), env=env_cfg), "tasks": {}}
+        seed_start=int(cfg.seed_start), episodes=int(cfg.episodes), env=env_cfg, **solver), "tasks": {}}
+    if before.get("env") == env_cfg:  # the other tasks of the folder (an earlier command) stay listed
+        manifest["tasks"] = {t: info for t, info in previous.get("tasks", {}).items() if t not in tasks}
     workers = max(1, int(cfg.workers))
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(env_cfg, str(out))) as pool:
+                             initargs=(env_cfg, str(out), solver)) as pool:
         try:
             for task in tasks:
                 manifest["tasks"][task] = _generate_task(pool, workers, cfg, out, task, progress, tqdm)

@@ -24,6 +24,11 @@ take jobs from one shared queue). With B = 1 each process runs one episode at a 
 rollout callback does this under DDP); :meth:`EvalResult.counts` are summed over ranks to get
 the totals.
 
+Resuming. ``done`` maps ``(task, seed)`` to the :class:`EpisodeResult` of an episode finished
+earlier (``make eval`` keeps them in ``<out>/episodes.jsonl``): those jobs are not run again and
+their results are used as they are (without video). ``on_episode(result)`` is called in this
+process as each newly run episode finishes, so a caller can record it before the next one ends.
+
 Episodes (:mod:`policies.episodes`). Each runs until the task is solved (``stop_on_success``),
 the policy has nothing more to do (``done()`` of code-executing policies), it raises
 :class:`~policies.base.PolicyFailure`, or the step cap (``max_steps``, default the task's own:
@@ -41,7 +46,7 @@ import os
 import queue
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +198,57 @@ def _write_csv(rows: list[list], path) -> str:
     return buf.getvalue()
 
 
+class EpisodeJournal:
+    """Finished episodes of one evaluation, one JSON line each, so that a rerun resumes.
+
+    The first line is a fingerprint of what is evaluated (policy, options, checkpoints, episode
+    settings); a journal with another fingerprint is started afresh. A line cut short by a kill
+    is ignored. ``done()`` gives what :func:`evaluate` takes as ``done``; ``add`` is its
+    ``on_episode``.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        import json
+
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self._done: dict[tuple[str, int], EpisodeResult] = {}
+        text = self.path.read_text() if self.path.exists() else ""
+        if text and not text.endswith("\n"):  # a line cut short by a kill: dropped, so the next one starts clean
+            text = text[:text.rfind("\n") + 1]
+            self.path.write_text(text)
+        lines = text.splitlines()
+        if lines and self._parse(lines[0]) == {"fingerprint": self.fingerprint}:
+            for line in lines[1:]:
+                entry = self._parse(line)
+                if entry is not None:
+                    result = EpisodeResult(**entry)
+                    self._done[(result.task, int(result.seed))] = result
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+
+    @staticmethod
+    def _parse(line: str):
+        import json
+
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return None
+
+    def done(self) -> dict[tuple[str, int], EpisodeResult]:
+        return dict(self._done)
+
+    def add(self, result: EpisodeResult) -> None:
+        import dataclasses
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(result), default=lambda v: v.item()) + "\n")  # numpy scalars
+        self._done[(result.task, int(result.seed))] = result
+
+
 # ---------------------------------------------------------------------------- workers
 _WORKER: dict = {}
 
@@ -227,7 +283,7 @@ def _worker_batched(jobs: list) -> dict:
 
     return run_batched(_WORKER["policies"], jobs, _slot_env(_WORKER), max_steps=_WORKER["max_steps"],
                        stop_on_success=_WORKER["stop_on_success"], next_job=next_job,
-                       on_result=lambda index, _: _WORKER["done"].put(index))
+                       on_result=lambda index, outcome: _WORKER["done"].put((index, outcome[0])))
 
 
 def _slot_env(env_cfg: dict):
@@ -238,7 +294,8 @@ def _slot_env(env_cfg: dict):
 def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODES, *, seeds=None,
              seed_start: int = DEFAULT_SEED_START, workers: int = 0, envs_per_worker: int = 1, image_size: int = 128,
              backend: str = "auto", max_steps: int | None = None, stop_on_success: bool = True,
-             video_episodes: int = 1, rank: int = 0, world_size: int = 1, progress: bool = False) -> EvalResult:
+             video_episodes: int = 1, rank: int = 0, world_size: int = 1, progress: bool = False,
+             done: dict | None = None, on_episode=None) -> EvalResult:
     """Evaluate ``policy`` on ``tasks`` (names or a selection like ``"L0+L1"``).
 
     ``seeds`` (a list) overrides ``episodes``/``seed_start``. This call runs the shard
@@ -249,7 +306,7 @@ def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODE
     ``workers=0``), their policies' VLM queries and DP chunks sent to the networks as batches
     (:func:`policies.episodes.run_batched`; B > 1 needs a PolicySpec). With B = 1 each episode
     runs alone, as :func:`run_episode` runs it. ``image_size`` must match what the policy was
-    trained on.
+    trained on. ``done`` and ``on_episode``: resuming (module docstring).
     """
     from envs import resolve_tasks
 
@@ -260,22 +317,29 @@ def evaluate(policy: PolicySpec | Policy, tasks, episodes: int = DEFAULT_EPISODE
     if envs_per_worker < 1:
         raise ValueError(f"envs_per_worker={envs_per_worker} must be >= 1")
     shard = all_seeds[rank::world_size]
-    jobs = [(task, seed, i < video_episodes) for task in tasks for i, seed in enumerate(shard)]
+    all_jobs = [(task, seed, i < video_episodes) for task in tasks for i, seed in enumerate(shard)]
+    done = done or {}
+    jobs = [job for job in all_jobs if (job[0], job[1]) not in done]
+    on_episode = on_episode or (lambda result: None)
     label = policy.label if isinstance(policy, PolicySpec) else policy.kind
     env_cfg = {"image_size": int(image_size), "backend": backend, "max_steps": max_steps,
                "stop_on_success": bool(stop_on_success)}
     start = time.time()
     if (workers > 0 or envs_per_worker > 1) and not isinstance(policy, PolicySpec):
         raise TypeError("workers > 0 or envs_per_worker > 1 needs a picklable PolicySpec, not a live policy")
-    if workers > 0:
+    if not jobs:
+        outcomes = []
+    elif workers > 0:
         policy.validate()
-        outcomes = _run_parallel(policy, jobs, env_cfg, workers, int(envs_per_worker), progress)
+        outcomes = _run_parallel(policy, jobs, env_cfg, workers, int(envs_per_worker), progress, on_episode)
     else:
-        outcomes = _run_here(policy, jobs, env_cfg, int(envs_per_worker), progress)
+        outcomes = _run_here(policy, jobs, env_cfg, int(envs_per_worker), progress, on_episode)
+    found = {(result.task, result.seed): (result, video) for result, video in outcomes}
     per_task = {t: TaskResult(t, []) for t in tasks}
     videos = []
-    for result, video in outcomes:
-        per_task[result.task].episodes.append(result)
+    for task, seed, _ in all_jobs:  # in job order, whether run now or before
+        result, video = found.get((task, seed)) or (done[(task, seed)], None)
+        per_task[task].episodes.append(result)
         if video is not None:
             videos.append(video)
     return EvalResult(label, tasks, per_task, videos, time.time() - start, rank, world_size)
@@ -287,26 +351,32 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="ep", dynamic_ncols=True)
 
 
-def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool) -> list:
+def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool, on_episode) -> list:
     if envs_per_worker > 1:
         policies = build_policies(policy, envs_per_worker)
     elif isinstance(policy, PolicySpec):
         policy = build_policy(policy)
     with preserved_rng(), frozen_gc(), _progress(len(jobs), progress, "rollouts") as bar:
         if envs_per_worker > 1:
+            def finished(_, outcome):
+                on_episode(outcome[0])
+                bar.update()
+
             found = run_batched(policies, jobs, _slot_env(env_cfg), max_steps=env_cfg["max_steps"],
-                                stop_on_success=env_cfg["stop_on_success"], on_result=lambda *_: bar.update())
+                                stop_on_success=env_cfg["stop_on_success"], on_result=finished)
             return [found[i] for i in range(len(jobs))]
         outcomes = []
         for task, seed, record in jobs:
             env = cached_env(task, env_cfg["image_size"], env_cfg["backend"])
             outcomes.append(run_episode(env, policy, seed, max_steps=env_cfg["max_steps"],
                                         stop_on_success=env_cfg["stop_on_success"], record_video=record))
+            on_episode(outcomes[-1][0])
             bar.update()
     return outcomes
 
 
-def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_worker: int, progress: bool) -> list:
+def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_worker: int, progress: bool,
+                  on_episode) -> list:
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
     batched = envs_per_worker > 1
@@ -318,23 +388,28 @@ def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_
         try:
             if not batched:
                 futures = [pool.submit(_worker_episode, *job) for job in jobs]
-                outcomes = []
-                for fut in futures:  # in job order: results do not depend on completion order
-                    outcomes.append(fut.result())
+                for fut in as_completed(futures):
+                    on_episode(fut.result()[0])
                     bar.update()
-                return outcomes
+                return [fut.result() for fut in futures]  # in job order: results do not depend on completion order
             for index in range(len(jobs)):
                 todo.put(index)
             futures = [pool.submit(_worker_batched, jobs) for _ in range(workers)]
+            reported = set()
             while not all(f.done() for f in futures):
                 try:
-                    done.get(timeout=0.5)
-                    bar.update()
+                    index, result = done.get(timeout=0.5)
                 except queue.Empty:
-                    pass
+                    continue
+                reported.add(index)
+                on_episode(result)
+                bar.update()
             found = {}
             for fut in futures:
                 found.update(fut.result())
+            for index in sorted(set(found) - reported):  # reports still in the queue's pipe
+                on_episode(found[index][0])
+                bar.update()
             return [found[i] for i in range(len(jobs))]  # in job order, whichever worker ran it
         except KeyboardInterrupt:
             if batched:  # no new episodes: the workers end their running ones and return
@@ -347,6 +422,6 @@ def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_
             raise
 
 
-__all__ = ["DEFAULT_SEED_START", "DEFAULT_EPISODES", "EpisodeResult", "Video", "TaskResult", "EvalResult",
+__all__ = ["DEFAULT_SEED_START", "DEFAULT_EPISODES", "EpisodeResult", "Video", "TaskResult", "EvalResult", "EpisodeJournal",
            "evaluate", "evaluation_seeds", "run_episode", "success_metrics", "cached_env", "close_cached_envs",
            "preserved_rng", "seed_everything"]

@@ -8,6 +8,10 @@ env.image_size=... is given.
 Writes <out>/results.md (markdown table), <out>/results.csv (per task), <out>/episodes.csv (per
 episode), <out>/videos/*.mp4 and TensorBoard scalars eval/success/<task>, eval/success/mean, the
 table as text and the videos as animated GIFs under <out>/tb/.
+
+Resumable: each finished episode is appended to <out>/episodes.jsonl at once, and the same command
+after a crash or Ctrl-C runs only the episodes that are missing (a changed policy, option,
+checkpoint file or episode setting starts the journal afresh).
 """
 
 import sys
@@ -21,7 +25,8 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "N_ACTION_STEPS": "policy_options.n_action_steps", "HORIZON": "policy_options.horizon",
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
-           "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold", "QUERY_EVERY_STEP": "policy_options.query_every_step"}
+           "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold", "QUERY_EVERY_STEP": "policy_options.query_every_step",
+           "REISSUE_AFTER": "policy_options.reissue_after"}
 
 
 def policy_spec(cfg):
@@ -56,7 +61,7 @@ def main(argv: list[str]) -> int:
 
     tasks = envs.cli_tasks(cfg.tasks)
     policy = build_policy(spec)  # load once here: a bad checkpoint is one error, not N broken workers
-    from policies.evaluator import evaluate
+    from policies.evaluator import EpisodeJournal, evaluate
 
     if not any(a.startswith("env.image_size=") for a in argv):  # the checkpoint's own camera size
         cfg.env.image_size = checkpoint_image_size(policy) or cfg.env.image_size
@@ -64,16 +69,37 @@ def main(argv: list[str]) -> int:
     workers, envs_per_worker = int(cfg.workers), int(cfg.envs_per_worker)
     if workers > 0 or envs_per_worker > 1:
         policy = spec  # each process builds its own policies (B of them sharing the networks) from the spec
+    journal = EpisodeJournal(Path(cfg.out) / "episodes.jsonl", fingerprint(cfg, spec))
+    wanted = {(t, s) for t in tasks for s in range(int(cfg.seed_start), int(cfg.seed_start) + int(cfg.episodes))}
+    done = {k: v for k, v in journal.done().items() if k in wanted}
+    if done:
+        print(f"resuming: {len(done)} of {len(wanted)} episodes already done ({journal.path})")
     result = evaluate(policy, tasks, int(cfg.episodes), seed_start=int(cfg.seed_start), workers=workers,
                       envs_per_worker=envs_per_worker, image_size=int(cfg.env.image_size), backend=str(cfg.env.backend),
                       max_steps=int(cfg.max_steps) or None, stop_on_success=bool(cfg.stop_on_success),
-                      video_episodes=int(cfg.video_episodes), progress=True)
+                      video_episodes=int(cfg.video_episodes), progress=True, done=done, on_episode=journal.add)
     write_outputs(cfg, result)
     print(result.table_markdown())
     print(f"{sum(r.n for r in result.per_task.values())} episodes in {result.seconds:.0f} s; wrote "
           f"{cfg.out}/results.md, results.csv, episodes.csv, videos/ and tb/")
     print(f"mean_success={result.mean_success:.4f}")
     return 0
+
+
+def fingerprint(cfg, spec) -> dict:
+    """What decides an episode's outcome besides its task and seed: the policy, its options, the
+    checkpoint files (size and modification time) and the episode settings."""
+    def files(path) -> list:
+        if not path or not Path(path).exists():
+            return []
+        root = Path(path)
+        found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        return [[str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                for p in found]
+
+    return {"policy": spec.kind, "options": dict(spec.options), "dp": files(spec.dp), "vlm": files(spec.vlm),
+            "image_size": int(cfg.env.image_size), "backend": str(cfg.env.backend), "max_steps": int(cfg.max_steps),
+            "stop_on_success": bool(cfg.stop_on_success)}
 
 
 def write_outputs(cfg, result) -> None:

@@ -1,11 +1,15 @@
-"""`make data`: oracle episodes to HDF5.  Usage: generate_data.py [TASKS=..] [EPISODES=..] [key=value ..]"""
+"""`make data`: oracle episodes to HDF5.  Usage: generate_data.py [TASKS=..] [EPISODES=..] [key=value ..]
+
+POLICY=vlm_oracle VLM=<export> generates the episodes with VLM+Oracle instead (only successes are
+kept; the executed VLM lines are the labels; datamodules/generate.py).
+"""
 
 import sys
 
 from configs import cli_config, run_entry_point, to_yaml
 
 ALIASES = {"TASKS": "tasks", "DATASET": "tasks", "EPISODES": "episodes", "SEED_START": "seed_start",
-           "WORKERS": "workers", "OUT": "out"}
+           "WORKERS": "workers", "OUT": "out", "POLICY": "policy", "VLM": "vlm"}
 
 
 def main(argv: list[str]) -> int:

@@ -143,3 +143,29 @@ def test_kill_9_during_eval_then_rerun_gives_complete_results_without_duplicates
     rows = (out / "episodes.csv").read_text().strip().splitlines()[1:]
     assert sorted(r.split(",")[1] for r in rows) == [str(100000 + i) for i in range(4)]  # each seed once
     assert (out / "results.csv").read_text().splitlines()[1].startswith("Topple,4,4,")
+
+
+def test_eval_script_resumes_from_its_episode_journal(tmp_path):
+    """episodes.jsonl: the episodes finished before a crash (a last line cut short is dropped) are
+    not run again and the results are those of a run without the crash; another setting starts afresh."""
+    import json
+
+    out = tmp_path / "eval"
+    args = ["POLICY=oracle", "TASKS=Push,Topple", "EPISODES=2", "MAX_STEPS=30", "env.image_size=32",
+            "video_episodes=0", f"OUT={out}"]
+    first = run_script(*args, "WORKERS=0")
+    assert first.returncode == 0, first.stderr
+    full = (out / "episodes.csv").read_text()
+    journal = (out / "episodes.jsonl").read_text().splitlines()
+    assert len(journal) == 5 and "fingerprint" in json.loads(journal[0])
+    (out / "episodes.jsonl").write_text("\n".join(journal[:3]) + '\n{"task": "Topple", "se')  # killed mid-line
+    resumed = run_script(*args, "WORKERS=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 2 of 4 episodes already done" in resumed.stdout
+    assert (out / "episodes.csv").read_text() == full
+    entries = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()[1:]]
+    assert sorted((e["task"], e["seed"]) for e in entries) == [(t, s) for t in ("Push", "Topple")
+                                                               for s in (100000, 100001)]
+    again = run_script(*args[:-1], "MAX_STEPS=25", f"OUT={out}", "WORKERS=0")
+    assert again.returncode == 0 and "resuming" not in again.stdout
+    assert json.loads((out / "episodes.jsonl").read_text().splitlines()[0])["fingerprint"]["max_steps"] == 25

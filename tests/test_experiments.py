@@ -1,0 +1,261 @@
+"""The paper's experiments (experiments/*.py) on the shared runner: stage keys and scheduling, the
+paper's numbers, bad input, and (slow) each experiment's --quick run end to end with the real
+scripts, simulator and tiny models: its files, a rerun that trains nothing, a changed setting that
+reruns only what depends on it, and a run killed in a training that resumes.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import ablate_chunking, paper_results  # noqa: E402
+from experiments.report import Layout, Results, Variant, csv_text, markdown_table  # noqa: E402
+from experiments.runner import schedule_length  # noqa: E402
+from experiments.stages import Builder, Stage, settings, stage_keys  # noqa: E402
+
+EXPERIMENTS = ["table1", "swap", "data_scaling", "ablate_chunking", "dataset_generation"]
+
+
+def run(name: str, *args: str, timeout: int = 1200, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def stages_of(module, preset: str = "cpu", quick: bool = False, *overrides: str) -> dict[str, str]:
+    s = settings(module.SIZES, preset, quick, list(overrides))
+    b = Builder(preset, quick, s)
+    return stage_keys(module.build(b, s).stages)
+
+
+# ---------------------------------------------------------------------------- fast
+def test_table1_transcription_matches_the_papers_averages():
+    """The rows of Table 1 as transcribed average to the averages the paper prints (two of which
+    the paper itself has off: VLM+DP L0 by 0.02, VLM+DP L1 by 0.50, kept as printed)."""
+    tasks = paper_results.TABLE1_TASKS + paper_results.TABLE1_UNSEEN
+    off = {"vlm_dp_L0": -0.02, "vlm_dp_L1": 0.50}
+    for column, average in paper_results.TABLE1_AVERAGES.items():
+        values = [paper_results.TABLE1[column][t] for t in tasks]
+        assert abs(average - sum(values) / len(values) - off.get(column, 0.0)) < 0.006, column
+    assert paper_results.TABLE1["vlm_oracle"] == {}  # empty in the paper's text, never invented
+
+
+def test_a_changed_setting_changes_the_keys_of_the_stages_that_depend_on_it_only():
+    base = stages_of(ablate_chunking, "cpu", False)
+    more_eval = stages_of(ablate_chunking, "cpu", False, "eval_episodes=40")
+    more_dp = stages_of(ablate_chunking, "cpu", False, "dp_steps=6000")
+    workers = stages_of(ablate_chunking, "cpu", False, "workers=1")
+    assert workers == base  # the number of processes does not change a result
+    assert [n for n in base if base[n] != more_eval[n]] == ["eval_regenerate", "eval_full_chunk", "eval_half_horizon"]
+    assert [n for n in base if base[n] != more_dp[n]] == ["dp", "eval_regenerate", "eval_full_chunk",
+                                                          "eval_half_horizon"]
+    assert stages_of(ablate_chunking, "paper")["data"] != base["data"]  # another preset: other data (image size)
+
+
+def test_stage_keys_need_earlier_stages():
+    with pytest.raises(ValueError, match="not an earlier stage"):
+        stage_keys([Stage("dp", "train_dp", {}, {"DATA": ("data", "")})])
+
+
+def test_schedule_pairs_trainings_and_runs_data_and_evaluations_alone():
+    stages = [Stage("data", "data", {}), Stage("vlm", "train_vlm", {}, {"DATA": ("data", "")}),
+              Stage("dp", "train_dp", {}, {"DATA": ("data", "")}),
+              Stage("dp2", "train_dp", {}, {"DATA": ("data", "")}),
+              Stage("eval", "eval", {}, {"DP": ("dp", ""), "VLM": ("vlm", "")})]
+    d = {"data": 10, "vlm": 100, "dp": 60, "dp2": 60, "eval": 30}
+    assert schedule_length(stages, d, jobs=1) == 10 + 100 + 60 + 60 + 30
+    # vlm beside dp, then dp2 in dp's slot (beside the vlm's last 40), then the evaluation alone
+    assert schedule_length(stages, d, jobs=2) == 10 + 120 + 30
+    assert schedule_length(stages, d, jobs=2, done={"data", "vlm"}) == 60 + 30  # the two DPs side by side
+
+
+@pytest.mark.parametrize("name, limit_h", [("table1", 8), ("swap", 2), ("data_scaling", 2), ("ablate_chunking", 2),
+                                           ("dataset_generation", 2)])
+def test_dry_run_projects_the_cpu_preset_within_its_budget_and_writes_nothing(tmp_path, name, limit_h):
+    out = tmp_path / "out"
+    r = run(name, "--dry-run", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("projected time of what is left:"))
+    h, m, s = (int(v) for v in line.split(":", 1)[1].split()[0].split(":"))
+    assert 0 < h * 3600 + m * 60 + s <= limit_h * 3600, line
+    assert "todo" in r.stdout and not out.exists()
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("table1", ["--preset", "gpu"], "invalid choice: 'gpu'"),
+    ("table1", ["dp_steps=-3"], "dp_steps=-3: must be >= 1"),
+    ("table1", ["dp_stepz=3"], "unknown setting 'dp_stepz'"),
+    ("swap", ["small=many"], "small='many': expected an integer"),
+    ("swap", ["--jobs", "0"], "--jobs 0: must be >= 1"),
+    ("ablate_chunking", ["--quick", "--preset", "paper"], "--quick is the cpu preset"),
+    ("data_scaling", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ("dataset_generation", ["tasks=Nope"], "unknown task or level 'Nope'"),
+])
+def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(tmp_path, name, args, message):
+    out = tmp_path / "out"
+    r = run(name, *args, "--out", str(out), timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not out.exists()
+
+
+def test_report_tables_put_the_papers_numbers_beside_ours():
+    layout = Layout("t", [Variant("a", "A", "eval_a", {"Push": 50.0, "Topple": 70.0}), Variant("b", "B", "eval_b")],
+                    [("", ["Push"]), ("Unseen", ["Topple"])], missing_paper="not in the text")
+    results = Results(layout, {("a", "Push"): (3, 4), ("a", "Topple"): (1, 4), ("b", "Push"): (0, 4),
+                               ("b", "Topple"): (2, 4)})
+    md = markdown_table(results)
+    assert "| task | A | paper | B | paper: not in the text |" in md
+    assert "| Push | 75.0 (3/4) | 50.0 | 0.0 (0/4) |  |" in md
+    assert "| *Unseen* |" in md
+    assert "| **Average** | **50.0** | 60.0 | **25.0** |  |" in md
+    rows = list(csv.DictReader(csv_text("x", results).splitlines()))
+    assert rows[0] == {"experiment": "x", "variant": "a", "label": "A", "task": "Push", "successes": "3",
+                       "episodes": "4", "rate": "0.7500", "paper_rate": "0.5000"}
+    assert rows[2]["task"] == "average" and rows[2]["rate"] == "0.5000" and rows[2]["episodes"] == "8"
+    assert rows[-1]["paper_rate"] == ""
+
+
+# ---------------------------------------------------------------------------- slow: --quick runs
+_QUICK: dict = {}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """name -> (output folder, first run's CompletedProcess, seconds): each --quick run made once."""
+    def get(name: str):
+        if name not in _QUICK:
+            out = tmp_path_factory.mktemp("exp") / name
+            t0 = time.time()
+            r = run(name, "--quick", "--out", str(out))
+            _QUICK[name] = (out, r, time.time() - t0)
+        return _QUICK[name]
+
+    return get
+
+
+def stage_records(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_quick_run_writes_its_files_and_a_rerun_trains_nothing(quick, name):
+    out, r, seconds = quick(name)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(f"{name} --quick: {seconds:.0f} s")
+    for f in ("results.md", "results.csv", "results.png", "runs.log"):
+        assert (out / f).is_file(), f
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    cells = [row for row in rows if row["task"] != "average"]
+    assert cells and all(int(row["episodes"]) >= 1 for row in cells)
+    md = (out / "results.md").read_text()
+    assert "| paper" in md and "## Time" in md
+    if name == "table1":  # the paper's numbers stand beside ours
+        cell = next(row for row in cells if row["variant"] == "dp_L0" and row["task"] == "PlaceNextTo")
+        assert cell["paper_rate"] == "0.2190"
+        assert "## Targets" in md and "VLM+DP (L0+L1) average minus flat DP (L0+L1) average" in md
+    records, log = stage_records(out), (out / "runs.log").read_text()
+    assert len(records) == len(log.splitlines()) > 0  # every stage ran once
+    again = run(name, "--quick", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 stage(s) run" in again.stdout
+    assert stage_records(out) == records and (out / "runs.log").read_text() == log
+
+
+@pytest.mark.slow
+def test_vlm_oracle_dataset_has_the_oracle_schema_and_the_vlms_lines(quick):
+    """The dataset_generation run's VLM+Oracle data (make data POLICY=vlm_oracle): only successes,
+    the same datasets as oracle data, labels that are the executed API lines."""
+    from datamodules import schema
+    from datamodules.labels import is_key_step
+    from envs.skills import Interpreter
+
+    out, r, _ = quick("dataset_generation")
+    assert r.returncode == 0, r.stderr[-3000:]
+    parser = Interpreter(api=None)
+    (generated,) = (out / "stages").glob("data_vlm_oracle-*")
+    (oracle,) = [p for p in (out / "stages").glob("data-*")]
+    manifest = json.loads((generated / "manifest.json").read_text())
+    assert manifest["generator"]["policy"] == "vlm_oracle"
+    assert manifest["generator"]["vlm"].endswith("/export")
+
+    def keys(group) -> set[str]:
+        found = set()
+        group.visititems(lambda name, obj: found.add(name))
+        return found
+
+    with schema.open_index(generated / "Topple.h5") as f, schema.open_index(oracle / "Topple.h5") as g:
+        assert len(f["episodes"]) == 8
+        reference = g["episodes"][next(iter(g["episodes"]))]
+        for name in f["episodes"]:
+            ep = f["episodes"][name]
+            assert keys(ep) == keys(reference) and bool(ep.attrs["success"]) and ep["success"][-1]
+            code = list(ep["labels/oracle/code"].asstr()[:])
+            key = ep["labels/oracle/key_step"][:]
+            assert len(code) == ep.attrs["num_steps"] == len(ep["actions"]) and key[0]
+            assert [is_key_step(c) for c in code] == list(key)
+            for line in (c for c, k in zip(code, key) if k):
+                parser.parse(line)  # API code, as the VLM wrote and the skills ran it
+            assert code[-1] == "done()"
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(quick, tmp_path):
+    out, r, _ = quick("ablate_chunking")
+    assert r.returncode == 0, r.stderr[-3000:]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    lines = len((copy / "runs.log").read_text().splitlines())
+    again = run("ablate_chunking", "--quick", "--out", str(copy), "eval_episodes=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 stage(s) run, 3 cached" in again.stdout
+    new = [line.split()[2] for line in (copy / "runs.log").read_text().splitlines()[lines:]]
+    assert new == ["eval_regenerate", "eval_full_chunk", "eval_half_horizon"]
+    rows = list(csv.DictReader((copy / "results.csv").read_text().splitlines()))
+    assert {row["episodes"] for row in rows if row["task"] != "average"} == {"2"}
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_a_training_resumes_it_from_its_checkpoint(quick, tmp_path):
+    out, r, _ = quick("ablate_chunking")
+    assert r.returncode == 0, r.stderr[-3000:]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = stage_records(copy)
+    args = ["--quick", "--out", str(copy), "dp_steps=400", "dp_val_every=20"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "ablate_chunking.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    def new_checkpoint() -> bool:  # of the new DP (the copy holds the quick run's DP too)
+        return any(p.parents[1].name not in before for p in (copy / "stages").glob("dp-*/checkpoints/last.ckpt"))
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not new_checkpoint():
+        assert proc.poll() is None, "the run ended before its DP wrote a checkpoint"
+        time.sleep(0.2)
+    time.sleep(1)  # the checkpoint file written whole
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stage's process
+    proc.wait()
+    (dp,) = [p for p in (copy / "stages").glob("dp-*") if p.name not in before]
+    assert not (dp / "stage.json").exists()
+    again = run("ablate_chunking", *args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "4 stage(s) run, 2 cached" in again.stdout  # data and VLM were kept
+    after = stage_records(copy)
+    assert {k: v for k, v in after.items() if k in before and k.startswith(("data-", "vlm-"))} == \
+        {k: v for k, v in before.items() if k.startswith(("data-", "vlm-"))}
+    log = (dp / "stage.log").read_text(errors="replace")
+    assert log.count("train_dp.py") == 2 and "Restoring states from the checkpoint" in log
+    assert json.loads((dp / "stage.json").read_text())["args"]["trainer.max_steps"] == 400
