@@ -136,6 +136,9 @@ def solver_config(cfg) -> dict:
         if len(speed) != 2 or not 0.2 <= speed[0] <= speed[1] <= 2.0:
             raise ConfigError(f"oracle_speed={speed}: expected [lo, hi] with 0.2 <= lo <= hi <= 2")
         return {"policy": policy, "oracle_speed": tuple(speed)}
+    if [float(v) for v in cfg.get("oracle_speed", [1.0, 1.0])] != [1.0, 1.0]:
+        raise ConfigError(f"oracle_speed applies to POLICY=oracle only (POLICY={policy} runs the VLM's plan "
+                          f"at the skills' own speed)")
     if not cfg.get("vlm"):
         raise ConfigError("POLICY=vlm_oracle needs VLM=<export folder of make train-vlm>")
     if not Path(cfg.vlm).exists():

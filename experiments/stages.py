@@ -95,6 +95,8 @@ class Builder:
                 "SEED_START": seed_start, "env.image_size": self.s["image_size"]}
         inputs = {}
         per_step, workers = COSTS["data_step"], self.s["workers"]
+        if vlm is None and self.s["oracle_speed"] != "[1.0,1.0]":
+            args["oracle_speed"] = self.s["oracle_speed"]  # per-seed skill speed (make data, README)
         if vlm is not None:  # each worker holds a VLM (on the GPU if there is one): as many as evaluate
             args.update(POLICY="vlm_oracle", max_seeds_factor=5)
             inputs["VLM"] = (vlm, "export")
@@ -165,17 +167,19 @@ class Builder:
 # ---------------------------------------------------------------------------- settings
 # Settings every experiment has, per preset; an experiment adds its own sizes (its SIZES).
 # workers: data-generation processes; eval_workers, envs_per_worker: make eval's WORKERS, ENVS_PER_WORKER
-# (paper: one process stepping 8 environments, its models once on the GPU).
+# (paper: one process stepping 8 environments, its models once on the GPU). oracle_speed: make data's
+# per-seed speed range of the oracle's skills (cpu: [0.6,1.0], which lifted DP+Oracle Push from 24 to
+# 30 of 32 on L0, README; the paper's oracle runs at one speed).
 COMMON = {
     "cpu": {"image_size": 64, "workers": 2, "eval_workers": 2, "envs_per_worker": 1, "eval_episodes": 32,
             "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 500, "vlm_val_every": 250,
-            "query_every_step": False},
+            "query_every_step": False, "oracle_speed": "[0.6,1.0]"},
     "paper": {"image_size": 128, "workers": 8, "eval_workers": 1, "envs_per_worker": 8, "eval_episodes": 64,
               "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 5000, "vlm_val_every": 1000,
-              "query_every_step": True},
+              "query_every_step": True, "oracle_speed": "[1.0,1.0]"},
     "quick": {"image_size": 32, "workers": 1, "eval_workers": 0, "envs_per_worker": 1, "eval_episodes": 1,
               "eval_max_steps": 20, "video_episodes": 0, "dp_val_every": 5, "vlm_val_every": 6,
-              "query_every_step": False},
+              "query_every_step": False, "oracle_speed": "[1.0,1.0]"},
 }
 ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers"}  # 0 is meaningful; other counts >= 1
 

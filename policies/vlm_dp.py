@@ -206,12 +206,13 @@ class VLMDP(ChunkedDP):
         if not self.query_every_step and self.running and not line_over and self.line_steps < self.max_line_steps:
             self.line_steps += 1  # the DP's line runs on; the VLM is not asked
             return commented(self.running), False, cache_info
-        if (self.keystep_on_hold and line_over) or not self.query_every_step:
+        request = bool((self.keystep_on_hold and line_over) or not self.query_every_step)
+        if hasattr(self.planner, "check_context"):
+            self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
+        if request:
             self.line_done = False
             self.keystep_requests += 1
-            step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=True)
-        else:
-            step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=False)
+        step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=request)
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
         else:

@@ -32,6 +32,8 @@ class VLMOracle(CodePolicy):
         self.vlm_errors = 0
 
     def next_line(self, observation: dict) -> str:
+        if hasattr(self.planner, "check_context"):
+            self.planner.check_context(observation["base_rgb"], request=True)  # "context full"
         step = self.planner.next_key_step(observation["base_rgb"])
         self.vlm_queries += 1
         self.vlm_tokens += int(step.tokens or 0)

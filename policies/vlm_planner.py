@@ -49,6 +49,14 @@ this restricts decoding to lines the API accepts, as grammar-constrained decodin
 paper's pretrained Phi-3 copies the names of the prompt reliably; the tiny random-init cpu-preset
 model often mixes a colour of one object with the shape of another (measured in the README).
 
+Context limit (not in the paper, which does not say what happens when the memory outgrows the
+model): :meth:`VLMPlanner.check_context` raises :class:`~policies.base.PolicyFailure`
+``"context full"`` when the next query's prompt and ``max_new_tokens`` would not fit the text
+model's ``max_position_embeddings`` (1024 for the cpu preset, 4096 for Phi-3-mini-4k). The
+policies call it before every query, so an episode whose planner keeps appending key-steps ends as
+a recorded failure instead of running on positions the model never saw in training (its
+training samples are cut at ``max_length``, also 1024): measured, README "Batched evaluation".
+
 Malformed lines (unparseable, a function outside the skill API, an object not in ``objects``
 when the caller gave the scene's objects) come back with ``PlanStep.error`` set; nothing is ever
 executed here.
@@ -271,6 +279,31 @@ class VLMPlanner:
         if self.fast:
             return self.plan_many([self], [image], [True])[0]
         return self._plan(image, request=True, stop_target=None)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The text model's ``max_position_embeddings`` (None: no limit known)."""
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        n = getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def prompt_tokens(self, image: np.ndarray, request: bool = False) -> int:
+        """Tokens of the next query's prompt: task, memory, the expanded image, the answer prefix."""
+        prefix, rest = self._prompt_parts(request)
+        return len(self._prefix_token_ids(prefix)) + len(self._rest_ids(rest, np.asarray(image)))
+
+    def check_context(self, image: np.ndarray, request: bool = False) -> None:
+        """Raise :class:`~policies.base.PolicyFailure` ``"context full"`` when the next query
+        (prompt + ``max_new_tokens``) would not fit the model's positions (module docstring)."""
+        limit = self.max_positions
+        if limit is None:
+            return
+        n = self.prompt_tokens(image, request)
+        if n + self.max_new_tokens > limit:
+            from .base import PolicyFailure
+
+            raise PolicyFailure("context full", f"the prompt has {n} tokens ({len(self.memory)} memory lines); "
+                                f"with up to {self.max_new_tokens} new tokens it exceeds the VLM's {limit} positions")
 
     def _stop_target(self, request: bool) -> str | None:
         return commented(self.memory[-1]) if self.memory and not request else None

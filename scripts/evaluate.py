@@ -88,14 +88,23 @@ def main(argv: list[str]) -> int:
 
 def fingerprint(cfg, spec) -> dict:
     """What decides an episode's outcome besides its task and seed: the policy, its options, the
-    checkpoint files (size and modification time) and the episode settings."""
+    checkpoint files (their contents' SHA-256: a copied checkpoint resumes, a retrained one starts
+    afresh) and the episode settings."""
+    import hashlib
+
+    def digest(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+
     def files(path) -> list:
         if not path or not Path(path).exists():
             return []
         root = Path(path)
         found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        return [[str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns]
-                for p in found]
+        return [[p.name if p == root else str(p.relative_to(root)), digest(p)] for p in found]
 
     return {"policy": spec.kind, "options": dict(spec.options), "dp": files(spec.dp), "vlm": files(spec.vlm),
             "image_size": int(cfg.env.image_size), "backend": str(cfg.env.backend), "max_steps": int(cfg.max_steps),

@@ -169,3 +169,27 @@ def test_eval_script_resumes_from_its_episode_journal(tmp_path):
     again = run_script(*args[:-1], "MAX_STEPS=25", f"OUT={out}", "WORKERS=0")
     assert again.returncode == 0 and "resuming" not in again.stdout
     assert json.loads((out / "episodes.jsonl").read_text().splitlines()[0])["fingerprint"]["max_steps"] == 25
+
+
+def test_journal_fingerprint_follows_checkpoint_contents_not_file_times(tmp_path):
+    """A copied checkpoint (new file time, same bytes) keeps the fingerprint, so its evaluation
+    resumes; a checkpoint with other bytes (retrained in place) changes it."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from evaluate import fingerprint
+
+    cfg = OmegaConf.create({"env": {"image_size": 64, "backend": "auto"}, "max_steps": 100, "stop_on_success": True})
+    dp = tmp_path / "a" / "policy.pt"
+    dp.parent.mkdir()
+    dp.write_bytes(b"weights" * 1000)
+    copy = tmp_path / "b" / "policy.pt"
+    copy.parent.mkdir()
+    shutil.copy(dp, copy)
+    os.utime(copy, (1, 1))
+    first = fingerprint(cfg, PolicySpec("flat_dp", dp=str(dp)))
+    assert fingerprint(cfg, PolicySpec("flat_dp", dp=str(copy))) == first
+    copy.write_bytes(b"other!!" * 1000)  # same size, other contents
+    assert fingerprint(cfg, PolicySpec("flat_dp", dp=str(copy))) != first

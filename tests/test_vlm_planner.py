@@ -340,3 +340,34 @@ def test_fast_queries_of_a_random_model_match_token_for_token(parts):
         out[fast] = lines
     assert out[True] == out[False]
     assert all(tokens == 12 for _, tokens, _ in out[False])  # no EOS: every token was decoded
+
+
+def test_a_prompt_that_outgrows_the_model_ends_the_episode_as_context_full(parts):
+    """Each step appends a new key-step; once prompt + max_new_tokens exceeds the model's 512
+    positions, check_context (and VLMDP before its query) raises PolicyFailure "context full"."""
+    from policies.base import PolicyFailure
+    from policies.vlm_dp import VLMDP
+
+    class HoldDP:
+        horizon, n_action_steps = 4, 1
+
+        def reset(self):
+            pass
+
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            return np.zeros((4, 7), np.float32)
+
+    lines = [f"move3d(get_actor('red cube'), {i})" for i in range(200)]
+    planner = Scripted(parts, lines, max_new_tokens=32)
+    assert planner.max_positions == 512
+    policy = VLMDP(planner, HoldDP(), keystep_on_hold=False)  # plain queries, as sizes counts them
+    policy.reset("PlaceNextTo", "Place the red cube to the left of the blue cylinder.")
+    sizes = []
+    with pytest.raises(PolicyFailure) as failure:
+        for _ in range(200):
+            sizes.append(planner.prompt_tokens(IMAGE))
+            policy.act({"base_rgb": IMAGE})
+    assert failure.value.reason == "context full"
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)  # the memory grew at every step
+    assert sizes[-1] + 32 > 512 >= sizes[-2] + 32  # it stopped at the first query that would not fit
+    assert len(planner.memory) == len(sizes) - 1
