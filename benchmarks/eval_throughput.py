@@ -19,10 +19,9 @@ too. Per evaluator: environment steps per second, episodes per hour at the mean 
 episodes, the projection for the paper's protocol (64 seeds x 11 tasks = 704 episodes) at that
 length, per core, and the milliseconds per step spent in VLM queries, DP chunks and the
 environments. Also reported: how many per-seed results are the same (batched matrix products
-round differently, which can move a closed-loop episode by a step), and the share of the serial
-time taken by episodes whose VLM prompt outgrew the model's positions (a VLM that writes a new
-key-step at most steps: a long prompt to attend to and a DP chunk at every step; no batch makes
-that attention cheaper).
+round differently, which can move a closed-loop episode by a step), and the episodes that ended
+as "context full" (a VLM that writes a new key-step at most steps until its prompt no longer
+fits the model's positions, ``VLMPlanner.check_context``) with their share of the serial time.
 
 Without ``--dp`` a random-init cpu-preset DP is used (the cost does not depend on the weights);
 without ``--vlm``, ``outputs/demo/vlm/export`` or ``outputs/vlm/cpu/export``, else a VLM trained
@@ -95,7 +94,7 @@ def run(kind: str, spec, jobs, envs: dict, b: int, max_steps, shares: Shares):
             for task, seed, _ in jobs:
                 t = time.process_time()
                 out.append(run_episode(envs[(0, task)], policies[0], seed, max_steps=max_steps)[0])
-                per_episode.append((time.process_time() - t, len(policies[0].planner._kv_ids or ())))
+                per_episode.append((time.process_time() - t, out[-1].failure == "context full"))
         else:
             found = run_batched(policies, jobs, lambda slot, task: envs[(slot, task)], max_steps=max_steps)
             out = [found[i][0] for i in range(len(jobs))]
@@ -122,7 +121,7 @@ def main() -> None:
     import envs as envs_pkg
     from envs import resolve_tasks
     from hierarchical_step import fresh_dp
-    from policies.spec import PolicySpec
+    from policies.spec import PolicySpec, build_policy
     from vlm_early_stop import ensure_data, ensure_vlm
 
     tasks = resolve_tasks("L0")
@@ -140,7 +139,8 @@ def main() -> None:
             dp = fresh_dp(data, Path(tmp) / "dp.pt")
         spec = PolicySpec("vlm_dp", dp=str(dp), vlm=str(vlm), options={"device": "cpu"}).validate()
         limit = int(getattr(load_config(vlm), "max_position_embeddings", 0) or 0)
-        envs = {(slot, task): envs_pkg.make_env(task, image_size=args.image_size)
+        wrist = build_policy(spec).reads_wrist  # as the evaluator does (policies.episodes.cached_env)
+        envs = {(slot, task): envs_pkg.make_env(task, image_size=args.image_size, wrist_camera=wrist)
                 for slot in range(args.envs) for task in tasks}
         shares = Shares()
         try:
@@ -167,10 +167,9 @@ def main() -> None:
               f"{1e3 * sec['env'] / n:>6.1f}{1e3 * other / n:>7.1f}")
     print(f"paper protocol (64 seeds x 11 tasks) at {length:.0f} steps per episode, per core; "
           f"wall-time ratio {serial[2] / batched[2]:.2f}")
-    long = [(c, n) for c, n in serial[5] if limit and n > limit]
-    print(f"{len(long)} of {len(jobs)} episodes ended with a VLM prompt longer than the model's {limit} positions "
-          f"(the longest: {max((n for _, n in serial[5]), default=0)} tokens); they took "
-          f"{100 * sum(c for c, _ in long) / serial[1]:.0f} % of the serial CPU time")
+    full = [c for c, ended in serial[5] if ended]
+    print(f"{len(full)} of {len(jobs)} episodes ended as 'context full' (the VLM prompt outgrew the model's "
+          f"{limit} positions); they took {100 * sum(full) / serial[1]:.0f} % of the serial CPU time")
     print(f"batched_over_serial={serial[1] / batched[1]:.2f}")
 
 

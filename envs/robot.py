@@ -68,6 +68,8 @@ class PandaSuction(BaseAgent):
     @property
     def _sensor_configs(self):
         size = 128  # the env's ``image_size`` overrides it through ``sensor_configs``
+        if not getattr(self, "with_wrist_camera", True):  # TabletopEnv(wrist_camera=False)
+            return []
         return [
             CameraConfig(uid="wrist_camera", pose=sapien.Pose(), width=size, height=size,
                          fov=np.deg2rad(80), near=0.01, far=5.0,

@@ -9,6 +9,10 @@ x = -0.615 facing +x. Control runs at 20 Hz over 5 physics substeps (100 Hz).
 
 Action (7,) float32 in [-1, 1]: TCP translation delta (x, y, z; 1 = ``MAX_DELTA_POS`` m) in the
 robot base frame, rotation delta (axis-angle; 1 = ``MAX_DELTA_ROT`` rad) and suction (> 0 on).
+
+``wrist_camera=False`` leaves the wrist camera out (no ``wrist_rgb``): for policies that read no
+wrist image (the state DP, the VLM, the oracle), rendering it was about half of the renderer's
+cost of a control step (``policies.episodes.cached_env``, README "Batched evaluation").
 """
 
 from __future__ import annotations
@@ -74,8 +78,10 @@ class TabletopEnv(BaseEnv):
     task_name: ClassVar[str] = "Tabletop"
     max_steps: ClassVar[int] = 400  # episode step cap (oracle and policies)
 
-    def __init__(self, *args, image_size: int = 128, robot_uids="panda_suction", **kwargs):
+    def __init__(self, *args, image_size: int = 128, wrist_camera: bool = True, robot_uids="panda_suction",
+                 **kwargs):
         self.image_size = int(image_size)
+        self.wrist_camera = bool(wrist_camera)
         self.layout: Layout | None = None
         self._built_specs: list[ObjectSpec] | None = None
         self.actors: dict[str, Any] = {}
@@ -122,6 +128,7 @@ class TabletopEnv(BaseEnv):
 
     def _load_agent(self, options: dict):
         super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE)))
+        self.agent.with_wrist_camera = self.wrist_camera  # read by its _sensor_configs (envs.robot)
 
     def _load_lighting(self, options: dict):
         self.scene.set_ambient_light([0.45, 0.45, 0.45])

@@ -42,6 +42,7 @@ class Policy:
     """Base class: see the module docstring for the episode protocol."""
 
     kind = "policy"
+    reads_wrist = True  # reads ``wrist_rgb``: the evaluator renders the wrist camera only for such policies
 
     def __init__(self):
         self.env = None
@@ -93,6 +94,8 @@ class CodePolicy(Policy):
     skill terminates, then asks for the next line. ``done()`` ends the policy after its one
     still step; a program that ends without ``done()`` ends the policy too.
     """
+
+    reads_wrist = False  # the skills read the scene; a VLM reads the base camera
 
     def reset(self, task: str, prompt: str) -> None:
         super().reset(task, prompt)

@@ -267,8 +267,9 @@ def _init_worker(spec: PolicySpec, env_cfg: dict, threads: int, envs_per_worker:
 
 
 def _worker_episode(task: str, seed: int, record_video: bool):
-    env = cached_env(task, _WORKER["image_size"], _WORKER["backend"])
-    return run_episode(env, _WORKER["policies"][0], seed, max_steps=_WORKER["max_steps"],
+    policy = _WORKER["policies"][0]
+    env = cached_env(task, _WORKER["image_size"], _WORKER["backend"], wrist_camera=_reads_wrist(policy))
+    return run_episode(env, policy, seed, max_steps=_WORKER["max_steps"],
                        stop_on_success=_WORKER["stop_on_success"], record_video=record_video)
 
 
@@ -281,13 +282,20 @@ def _worker_batched(jobs: list) -> dict:
         except queue.Empty:
             return None
 
-    return run_batched(_WORKER["policies"], jobs, _slot_env(_WORKER), max_steps=_WORKER["max_steps"],
+    policies = _WORKER["policies"]
+    return run_batched(policies, jobs, _slot_env(_WORKER, policies), max_steps=_WORKER["max_steps"],
                        stop_on_success=_WORKER["stop_on_success"], next_job=next_job,
                        on_result=lambda index, outcome: _WORKER["done"].put((index, outcome[0])))
 
 
-def _slot_env(env_cfg: dict):
-    return lambda slot, task: cached_env(task, env_cfg["image_size"], env_cfg["backend"], slot=slot)
+def _slot_env(env_cfg: dict, policies: list):
+    return lambda slot, task: cached_env(task, env_cfg["image_size"], env_cfg["backend"], slot=slot,
+                                         wrist_camera=_reads_wrist(policies[slot]))
+
+
+def _reads_wrist(policy) -> bool:
+    """Whether ``policy`` reads ``wrist_rgb`` (:attr:`policies.base.Policy.reads_wrist`; unknown: yes)."""
+    return bool(getattr(policy, "reads_wrist", True))
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -362,12 +370,12 @@ def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool,
                 on_episode(outcome[0])
                 bar.update()
 
-            found = run_batched(policies, jobs, _slot_env(env_cfg), max_steps=env_cfg["max_steps"],
+            found = run_batched(policies, jobs, _slot_env(env_cfg, policies), max_steps=env_cfg["max_steps"],
                                 stop_on_success=env_cfg["stop_on_success"], on_result=finished)
             return [found[i] for i in range(len(jobs))]
         outcomes = []
         for task, seed, record in jobs:
-            env = cached_env(task, env_cfg["image_size"], env_cfg["backend"])
+            env = cached_env(task, env_cfg["image_size"], env_cfg["backend"], wrist_camera=_reads_wrist(policy))
             outcomes.append(run_episode(env, policy, seed, max_steps=env_cfg["max_steps"],
                                         stop_on_success=env_cfg["stop_on_success"], record_video=record))
             on_episode(outcomes[-1][0])

@@ -98,6 +98,10 @@ class ChunkedDP(Policy):
     def uses_state(self) -> bool:
         return getattr(self.dp, "observation", "rgb") == "state"
 
+    @property
+    def reads_wrist(self) -> bool:
+        return not self.uses_state  # the image DP reads both cameras, the state DP none
+
     def _scene(self) -> dict:
         """``scene`` of a state-observation DP: the attached env's objects and the pose_dict."""
         if self.env is None:

@@ -158,3 +158,28 @@ def test_missing_vulkan_driver_says_how_to_install(tmp_path):
     r = _run_python(code, VK_DRIVER_FILES=str(broken))
     assert "MSG" in r.stdout, r.stderr[-2000:]
     assert "install_vulkan.sh" in r.stdout
+
+
+def test_without_the_wrist_camera_the_episode_and_the_base_image_are_the_same():
+    """wrist_camera=False (policies that read no wrist image) drops wrist_rgb and changes nothing else."""
+    from policies.base import Policy
+    from policies.oracle_only import OracleOnly
+
+    runs = {}
+    for wrist in (True, False):
+        env = envs.make_env("Push", image_size=32, wrist_camera=wrist)
+        obs, _ = env.reset(seed=3)
+        rng = np.random.default_rng(0)
+        frames = [observation_arrays(obs)]
+        for _ in range(6):
+            obs, *_ = env.step(rng.uniform(-1, 1, 7).astype(np.float32))
+            frames.append(observation_arrays(obs))
+        env.close()
+        runs[wrist] = frames
+    assert all("wrist_rgb" in f for f in runs[True]) and not any("wrist_rgb" in f for f in runs[False])
+    for with_wrist, without in zip(runs[True], runs[False]):
+        assert set(with_wrist) - set(without) == {"wrist_rgb"}
+        for key, value in without.items():
+            np.testing.assert_array_equal(value, with_wrist[key])
+    assert runs[True][-1]["base_rgb"].any()  # an image was rendered, not zeros
+    assert Policy.reads_wrist and not OracleOnly.reads_wrist
