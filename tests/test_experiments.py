@@ -212,12 +212,19 @@ def test_vlm_oracle_dataset_has_the_oracle_schema_and_the_vlms_lines(quick):
             assert code[-1] == "done()"
 
 
-@pytest.mark.slow
-def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(quick, tmp_path):
+@pytest.fixture
+def chunking_copy(quick, tmp_path) -> Path:
+    """A copy of the quick ablate_chunking run's folder, to rerun without touching the shared one."""
     out, r, _ = quick("ablate_chunking")
     assert r.returncode == 0, r.stderr[-3000:]
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(chunking_copy):
+    copy = chunking_copy
     lines = len((copy / "runs.log").read_text().splitlines())
     again = run("ablate_chunking", "--quick", "--out", str(copy), "eval_episodes=2")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -229,11 +236,8 @@ def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(quick, tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_a_training_resumes_it_from_its_checkpoint(quick, tmp_path):
-    out, r, _ = quick("ablate_chunking")
-    assert r.returncode == 0, r.stderr[-3000:]
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
+def test_a_run_killed_in_a_training_resumes_it_from_its_checkpoint(chunking_copy):
+    copy = chunking_copy
     before = stage_records(copy)
     args = ["--quick", "--out", str(copy), "dp_steps=400", "dp_val_every=20"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "ablate_chunking.py"), *args], cwd=ROOT,
