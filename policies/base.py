@@ -18,6 +18,8 @@ that reason instead of crashing.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from envs.oracle import SkillExecutor
@@ -36,6 +38,23 @@ class PolicyFailure(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class Planner(Protocol):
+    """What VLMDP and VLMOracle need of a planner (:class:`policies.vlm_planner.VLMPlanner` is the
+    one implementation; ``PlanStep``: its ``line``, ``tokens``, ``error``, ``is_keystep``)."""
+
+    def reset(self, task_prompt: str, objects: list[str] | None = None) -> None: ...
+
+    @property
+    def cache_info(self) -> str: ...
+
+    def step(self, image: np.ndarray): ...
+
+    def next_key_step(self, image: np.ndarray): ...
+
+    def check_context(self, image: np.ndarray, request: bool = False) -> None:
+        """Raise PolicyFailure("context full") when the next query would not fit the model."""
 
 
 class Policy:

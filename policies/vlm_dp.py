@@ -28,7 +28,7 @@ from configs.errors import ConfigError
 from datamodules.labels import POSE_DICT_ASSIGNMENT, commented
 from envs.skills import CodeError, Interpreter, SkillAPI
 
-from .base import Policy, PolicyFailure, scene_objects
+from .base import Planner, Policy, PolicyFailure, scene_objects
 from .batching import ChunkRequest, PlanRequest, act
 
 
@@ -156,8 +156,8 @@ class ChunkedDP(Policy):
 
 
 class VLMDP(ChunkedDP):
-    """``planner``: :class:`policies.vlm_planner.VLMPlanner`-like (``reset(prompt)``,
-    ``step(image) -> PlanStep``, ``next_key_step(image)``, ``cache_info``); ``dp``: see
+    """``planner``: a :class:`~policies.base.Planner` (``reset(prompt)``, ``step(image) -> PlanStep``,
+    ``next_key_step(image)``, ``cache_info``, ``check_context``); ``dp``: see
     :class:`ChunkedDP`.
 
     ``keystep_on_hold`` (not in the paper; default True): when the DP's last chunk ended in holds
@@ -181,7 +181,7 @@ class VLMDP(ChunkedDP):
 
     kind = "vlm_dp"
 
-    def __init__(self, planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
+    def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
                  max_line_steps: int = 100, **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
@@ -211,8 +211,7 @@ class VLMDP(ChunkedDP):
             self.line_steps += 1  # the DP's line runs on; the VLM is not asked
             return commented(self.running), False, cache_info
         request = bool((self.keystep_on_hold and line_over) or not self.query_every_step)
-        if hasattr(self.planner, "check_context"):
-            self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
+        self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
         if request:
             self.line_done = False
             self.keystep_requests += 1

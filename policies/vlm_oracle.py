@@ -11,16 +11,16 @@ never a crash, never ``exec``.
 
 from __future__ import annotations
 
-from .base import CodePolicy, scene_objects
+from .base import CodePolicy, Planner, scene_objects
 
 
 class VLMOracle(CodePolicy):
-    """``planner``: a :class:`policies.vlm_planner.VLMPlanner` (or anything with ``reset(prompt)``
-    and ``next_key_step(image) -> PlanStep``)."""
+    """``planner``: a :class:`~policies.base.Planner` (``reset(prompt)``, ``check_context``,
+    ``next_key_step(image) -> PlanStep``)."""
 
     kind = "vlm_oracle"
 
-    def __init__(self, planner):
+    def __init__(self, planner: Planner):
         super().__init__()
         self.planner = planner
 
@@ -32,8 +32,7 @@ class VLMOracle(CodePolicy):
         self.vlm_errors = 0
 
     def next_line(self, observation: dict) -> str:
-        if hasattr(self.planner, "check_context"):
-            self.planner.check_context(observation["base_rgb"], request=True)  # "context full"
+        self.planner.check_context(observation["base_rgb"], request=True)  # "context full"
         step = self.planner.next_key_step(observation["base_rgb"])
         self.vlm_queries += 1
         self.vlm_tokens += int(step.tokens or 0)

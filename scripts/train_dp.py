@@ -74,10 +74,12 @@ def main(argv: list[str]) -> int:
     from lightning_modules.training import fit, make_trainer, resolve_resume
 
     resume = resolve_resume(cfg, "ema", "diffusion-policy checkpoint (make train-dp)")
+    # seeded before the model is built: an import seeds torch from the clock, so the initial
+    # weights (and the whole run) differed from run to run (measured)
+    L.seed_everything(cfg.seed, workers=True)
     module, datamodule = build(cfg)
     callbacks = rollout_callbacks(cfg)
     print(to_yaml(cfg))
-    L.seed_everything(cfg.seed, workers=True)
     trainer = make_trainer(cfg, monitor="val/loss", callbacks=callbacks)
     fit(trainer, module, datamodule, resume)
     if trainer.is_global_zero:

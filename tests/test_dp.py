@@ -222,6 +222,16 @@ def test_train_dp_cli_trains_writes_logs_and_refuses_to_overwrite(data, tmp_path
     ea.Reload()
     assert {"train/loss", "val/loss", "val/action_mse"} <= set(ea.Tags()["scalars"])
 
+    # same config, same seed, fresh process: bit-identical weights (an import used to seed torch
+    # from the clock before the model was built, so every run started from other weights)
+    first = torch.load(out / "policy.pt", weights_only=False)["state_dict"]
+    again = tmp_path / "again"
+    r = run_cli(*[a for a in common if not a.startswith("OUT=")], f"OUT={again}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = torch.load(again / "policy.pt", weights_only=False)["state_dict"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
     before = (out / "checkpoints" / "last.ckpt").read_bytes()
     r = run_cli(*common)
     assert r.returncode == 2 and "RESUME=auto" in r.stderr
