@@ -39,6 +39,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "envs_per_worker": (1, None), "rollout.envs_per_worker": (1, None),
     "policy_options.n_action_steps": (0, 256), "policy_options.horizon": (0, 256),
     "policy_options.tracker_slack": (0.1, None), "policy_options.reissue_after": (0, None),
+    "policy_options.confirm_line_end": (0, None),
 }
 
 

@@ -177,17 +177,29 @@ class VLMDP(ChunkedDP):
     from the image before the DP had finished the running one (e.g. ``place`` while the held
     object was still moving towards the target, so the DP released it in the air; measured,
     README). It also saves most VLM queries.
+
+    ``confirm_line_end`` (paced mode only; not in the paper; 0 = off): when the DP's line ends
+    (its chunk ends in holds), the running motion line is given to the DP again as a key-step
+    (plain, with the cache info of its first key-step), up to this many times per line, before
+    the VLM is asked for the next one. A DP that is done holds on; one that stopped short goes on.
+    Why (measured, README): the code DP ended Push's ``push`` after 7 of the oracle's 10 cm
+    (success needs 8) and held, and the VLM, which cannot see the missing centimetre in a 64 px
+    image, answered ``done()``; DP+Oracle's ``reissue_after`` showed that such a DP pushes on
+    when given its line again. ``pose_dict`` assignments and ``done()`` are never repeated.
     """
 
     kind = "vlm_dp"
 
     def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
-                 max_line_steps: int = 100, **chunking):
+                 max_line_steps: int = 100, confirm_line_end: int = 0, **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
         self.max_line_steps = int(max_line_steps)
+        self.confirm_line_end = int(confirm_line_end)
+        if self.confirm_line_end < 0:
+            raise ConfigError(f"confirm_line_end={self.confirm_line_end} must be >= 0 (0: off)")
 
     def reset_instructions(self, prompt: str) -> None:
         self.planner.reset(prompt, objects=scene_objects(self.env))
@@ -198,6 +210,9 @@ class VLMDP(ChunkedDP):
         self.pose_errors = 0
         self.running = ""  # the last key-step line, and how many steps it has run
         self.line_steps = 0
+        self.running_cache_info = ""  # the cache info the running line's key-step had
+        self.confirmations = 0  # times the running line was given again (confirm_line_end)
+        self.confirmed_lines = 0
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
@@ -210,6 +225,12 @@ class VLMDP(ChunkedDP):
         if not self.query_every_step and self.running and not line_over and self.line_steps < self.max_line_steps:
             self.line_steps += 1  # the DP's line runs on; the VLM is not asked
             return commented(self.running), False, cache_info
+        if (not self.query_every_step and line_over and self.confirmations < self.confirm_line_end
+                and self._repeatable(self.running)):
+            self.line_done, self.line_steps = False, self.line_steps + 1
+            self.confirmations += 1
+            self.confirmed_lines += 1
+            return self.running, True, self.running_cache_info  # the same line again, as a key-step
         request = bool((self.keystep_on_hold and line_over) or not self.query_every_step)
         self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
         if request:
@@ -218,6 +239,7 @@ class VLMDP(ChunkedDP):
         step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=request)
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
+            self.running_cache_info, self.confirmations = cache_info, 0
         else:
             self.line_steps += 1
         self.vlm_tokens += int(step.tokens or 0)
@@ -230,10 +252,15 @@ class VLMDP(ChunkedDP):
                 self.pose_errors += 1
         return step.line, bool(step.new_key_step), cache_info
 
+    @staticmethod
+    def _repeatable(line: str) -> bool:
+        """A motion line (not a ``pose_dict`` assignment, not ``done()``): what confirm_line_end repeats."""
+        return bool(line) and not POSE_DICT_ASSIGNMENT.match(line) and line.strip() != "done()"
+
     def pose_dict(self) -> dict:
         return self.interpreter.api.pose_dict if self.interpreter is not None else {}
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
                 "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests),
-                "pose_errors": float(self.pose_errors)}
+                "pose_errors": float(self.pose_errors), "confirmed_lines": float(self.confirmed_lines)}

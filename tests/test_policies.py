@@ -49,6 +49,9 @@ class ScriptedPlanner:
     step = _next
     next_key_step = _next
 
+    def check_context(self, image, request=False):
+        pass  # a script has no context window
+
 
 class CountingDP:
     """DP stand-in: chunk k holds actions [k, i, 0, ...] (i = index in the chunk); logs the calls."""
@@ -171,6 +174,35 @@ def test_without_per_step_queries_the_dp_paces_the_plan():
     policy = VLMDP(planner, MovingDP(horizon=8, n_action_steps=4), query_every_step=False, max_line_steps=5)
     rollout(policy, 12)
     assert planner.log == ["key", "key", "key"]  # at t = 0, 5 and 10: max_line_steps reached
+
+
+def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vlm_is_asked():
+    lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])", "done()"]
+    planner = LoggingPlanner(lines)
+
+    class EveryChunkHolds(CountingDP):  # each chunk ends its line after the executed part
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            chunk = super().predict_action_chunk(observation, instruction, cache_info)
+            chunk[:, :3] = 0.3
+            chunk[self.n_action_steps:, :3] = 0.0
+            return chunk
+
+    dp = EveryChunkHolds(horizon=8, n_action_steps=4)
+    policy = VLMDP(planner, dp, query_every_step=False, confirm_line_end=1)
+    rollout(policy, 20)
+    # the pose_dict line (t = 0..3) is not repeated; push (t = 4..7) is given once more as a
+    # key-step (t = 8..11) with its own key-step's cache info, then the VLM is asked: done()
+    # (t = 12..15) is not repeated either
+    assert planner.log == ["key", "key", "key", "key"]
+    assert [c[0] for c in dp.calls] == [lines[0], lines[1], lines[1], lines[2], lines[2]]
+    assert dp.calls[2][1] == dp.calls[1][1]
+    assert policy.stats()["confirmed_lines"] == 1 and policy.key_steps == 5  # 4 from the VLM, 1 repeat
+    planner = LoggingPlanner(lines)
+    off = VLMDP(planner, EveryChunkHolds(horizon=8, n_action_steps=4), query_every_step=False)
+    rollout(off, 12)
+    assert planner.log == ["key", "key", "key"] and off.stats()["confirmed_lines"] == 0
+    with pytest.raises(ConfigError, match="confirm_line_end"):
+        VLMDP(planner, dp, confirm_line_end=-1)
 
 
 def test_without_regeneration_chunks_run_blindly_for_n_action_steps():
