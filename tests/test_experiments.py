@@ -56,9 +56,10 @@ def test_a_changed_setting_changes_the_keys_of_the_stages_that_depend_on_it_only
     more_dp = stages_of(ablate_chunking, "cpu", False, "dp_steps=6000")
     workers = stages_of(ablate_chunking, "cpu", False, "workers=1")
     assert workers == base  # the number of processes does not change a result
-    assert [n for n in base if base[n] != more_eval[n]] == ["eval_regenerate", "eval_full_chunk", "eval_half_horizon"]
-    assert [n for n in base if base[n] != more_dp[n]] == ["dp", "eval_regenerate", "eval_full_chunk",
-                                                          "eval_half_horizon"]
+    evals = ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+             "eval_full_chunk_paced", "eval_half_horizon_paced"]
+    assert [n for n in base if base[n] != more_eval[n]] == evals
+    assert [n for n in base if base[n] != more_dp[n]] == ["dp", *evals]
     assert stages_of(ablate_chunking, "paper")["data"] != base["data"]  # another preset: other data (image size)
 
 
@@ -228,9 +229,10 @@ def test_a_changed_setting_reruns_only_the_stages_that_depend_on_it(chunking_cop
     lines = len((copy / "runs.log").read_text().splitlines())
     again = run("ablate_chunking", "--quick", "--out", str(copy), "eval_episodes=2")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "3 stage(s) run, 3 cached" in again.stdout
+    assert "6 stage(s) run, 3 cached" in again.stdout
     new = [line.split()[2] for line in (copy / "runs.log").read_text().splitlines()[lines:]]
-    assert new == ["eval_regenerate", "eval_full_chunk", "eval_half_horizon"]
+    assert new == ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+                   "eval_full_chunk_paced", "eval_half_horizon_paced"]
     rows = list(csv.DictReader((copy / "results.csv").read_text().splitlines()))
     assert {row["episodes"] for row in rows if row["task"] != "average"} == {"2"}
 
@@ -256,7 +258,7 @@ def test_a_run_killed_in_a_training_resumes_it_from_its_checkpoint(chunking_copy
     assert not (dp / "stage.json").exists()
     again = run("ablate_chunking", *args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "4 stage(s) run, 2 cached" in again.stdout  # data and VLM were kept
+    assert "7 stage(s) run, 2 cached" in again.stdout  # data and VLM were kept
     after = stage_records(copy)
     assert {k: v for k, v in after.items() if k in before and k.startswith(("data-", "vlm-"))} == \
         {k: v for k, v in before.items() if k.startswith(("data-", "vlm-"))}
