@@ -97,6 +97,7 @@ def run_script(*args, timeout=300):
     (["EPISODES=many"], "expected int"),
     (["POLICY=oracle", "WHATEVER=1"], "unknown variable WHATEVER="),
     (["POLICY=oracle", "EPISODES=-1"], "episodes=-1 in eval: must be >= 1"),
+    (["POLICY=oracle", "CONFIRM_LINE_END=-1"], "confirm_line_end=-1 in eval: must be >= 0"),
     (["POLICY=flat_dp", f"DP={ROOT / 'README.md'}"], "is not a diffusion-policy checkpoint"),
     (["POLICY=vlm_oracle", f"VLM={ROOT / 'configs'}"], "is not an exported VLM"),
 ])
