@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     resume = resolve_resume(cfg, "ema", "diffusion-policy checkpoint (make train-dp)")
     # seeded before the model is built: an import seeds torch from the clock, so the initial
     # weights (and the whole run) differed from run to run (measured)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     callbacks = rollout_callbacks(cfg)
     print(to_yaml(cfg))
