@@ -185,7 +185,8 @@ COMMON = {
               "eval_max_steps": 20, "video_episodes": 0, "dp_val_every": 5, "vlm_val_every": 6,
               "query_every_step": False, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0},
 }
-ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end"}  # 0 is meaningful; other counts >= 1
+# 0 is meaningful for these; other counts are >= 1
+ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end"}
 
 
 def settings(sizes: dict, preset: str, quick: bool, overrides: list[str]) -> dict:

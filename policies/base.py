@@ -42,7 +42,7 @@ class PolicyFailure(Exception):
 
 class Planner(Protocol):
     """What VLMDP and VLMOracle need of a planner (:class:`policies.vlm_planner.VLMPlanner` is the
-    one implementation; ``PlanStep``: its ``line``, ``tokens``, ``error``, ``is_keystep``)."""
+    one implementation; its ``PlanStep``: ``line``, ``new_key_step``, ``tokens``, ``error``, ``early_stopped``)."""
 
     def reset(self, task_prompt: str, objects: list[str] | None = None) -> None: ...
 

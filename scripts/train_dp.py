@@ -74,8 +74,8 @@ def main(argv: list[str]) -> int:
     from lightning_modules.training import fit, make_trainer, resolve_resume
 
     resume = resolve_resume(cfg, "ema", "diffusion-policy checkpoint (make train-dp)")
-    # seeded before the model is built: an import seeds torch from the clock, so the initial
-    # weights (and the whole run) differed from run to run (measured)
+    # seeded before the model is built: torch 2.13 seeds itself from the OS at start-up, so the
+    # initial weights (and the whole run) differed from run to run (measured)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     callbacks = rollout_callbacks(cfg)
