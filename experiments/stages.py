@@ -2,8 +2,10 @@
 :class:`Builder` that makes the stages of ``make data``, ``make train-vlm``, ``make train-dp``,
 ``make relabel-dp`` and ``make eval`` with a preset's arguments and their projected times.
 
-A stage's key is a hash of its kind, its arguments and the keys of the stages it reads, so a
-changed setting changes the keys of exactly the stages that depend on it (the runner reruns those).
+A stage's key is a hash of its kind, its arguments, the defaults its script starts from (the
+script's ``configs/<name>.yaml`` with its preset and ``env.yaml``, comments aside) and the keys of
+the stages it reads, so a changed setting, on the command line or in a config file, changes the
+keys of exactly the stages that depend on it (the runner reruns those).
 Arguments that do not change a result (``WORKERS=``, ``ENVS_PER_WORKER=``) are a stage's
 ``options`` and are not hashed. Projected times come from :data:`COSTS`, per-unit costs measured on
 the 2-core CPU machine; they do not apply to the paper preset's GPU runs.
@@ -19,6 +21,7 @@ from configs.errors import ConfigError
 
 SCRIPTS = {"data": "generate_data.py", "train_vlm": "train_vlm.py", "train_dp": "train_dp.py",
            "relabel": "relabel_dp.py", "eval": "evaluate.py"}
+CONFIGS = {"data": "data", "train_vlm": "vlm", "train_dp": "dp", "relabel": "relabel", "eval": "eval"}
 TRAININGS = ("train_vlm", "train_dp")  # one thread each: may run side by side
 
 # Per-unit costs in seconds on the 2-core CPU machine (one thread per process, measured in
@@ -58,14 +61,29 @@ class Stage:
     estimate: float = 0.0
 
 
+def config_defaults(kind: str, preset: str | None = None) -> dict:
+    """The defaults the script of ``kind`` starts from: its config with ``preset`` merged in, as a
+    plain dict (interpolations unresolved; YAML comments do not count)."""
+    from omegaconf import OmegaConf
+
+    from configs import load_config
+
+    return OmegaConf.to_container(load_config(CONFIGS[kind], [f"preset={preset}"] if preset else []))
+
+
 def stage_keys(stages: list[Stage]) -> dict[str, str]:
-    """name -> 10-hex-digit key: hash of kind, args and the keys of the stages it reads."""
+    """name -> 10-hex-digit key: hash of kind, args, the script's config defaults
+    (:func:`config_defaults`) and the keys of the stages it reads."""
     keys: dict[str, str] = {}
+    defaults: dict[tuple, dict] = {}
     for s in stages:
         for dep, _ in s.inputs.values():
             if dep not in keys:
                 raise ValueError(f"stage {s.name} reads {dep!r}, which is not an earlier stage")
-        blob = {"kind": s.kind, "args": s.args,
+        which = (s.kind, s.args.get("PRESET"))
+        if which not in defaults:
+            defaults[which] = config_defaults(*which)
+        blob = {"kind": s.kind, "args": s.args, "defaults": defaults[which],
                 "inputs": {arg: [keys[dep], sub] for arg, (dep, sub) in s.inputs.items()}}
         keys[s.name] = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
     return keys

@@ -63,6 +63,25 @@ def test_a_changed_setting_changes_the_keys_of_the_stages_that_depend_on_it_only
     assert stages_of(ablate_chunking, "paper")["data"] != base["data"]  # another preset: other data (image size)
 
 
+def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_it_only(tmp_path, monkeypatch):
+    """Editing a preset file (here configs/dp/cpu.yaml's learning rate) reruns the DP and what reads
+    it, not the data or the VLM; an edited comment reruns nothing."""
+    import configs
+
+    base = stages_of(ablate_chunking, "cpu", False)
+    copy = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, copy)
+    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    preset = copy / "dp" / "cpu.yaml"
+    preset.write_text("# an edited comment\n" + preset.read_text())
+    assert stages_of(ablate_chunking, "cpu", False) == base
+    preset.write_text(preset.read_text().replace("lr: 3.0e-4", "lr: 1.0e-4"))
+    changed = stages_of(ablate_chunking, "cpu", False)
+    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
+        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+
+
 def test_stage_keys_need_earlier_stages():
     with pytest.raises(ValueError, match="not an earlier stage"):
         stage_keys([Stage("dp", "train_dp", {}, {"DATA": ("data", "")})])
