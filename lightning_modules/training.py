@@ -3,7 +3,9 @@
 A config with sections ``trainer`` (keyword arguments of ``lightning.Trainer``), ``out`` (the run
 folder) and ``resume`` (null, ``auto`` or a checkpoint path) becomes a Trainer with TensorBoard
 logging under ``<out>/``, ``last.ckpt`` and best checkpoints under ``<out>/checkpoints/``, a
-learning-rate monitor, and the resolved config saved as ``<out>/config.yaml``.
+learning-rate monitor, and the resolved config saved as ``<out>/config.yaml``. Where the progress
+bar is off or stdout is not a terminal (a log file), progress comes as plain lines instead
+(:class:`callbacks.progress.ProgressLines`).
 
 A run folder that already holds checkpoints is never overwritten: without ``resume`` it is an
 error that says how to continue it or where to start afresh.
@@ -11,6 +13,7 @@ error that says how to continue it or where to start afresh.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -90,6 +93,10 @@ def make_trainer(cfg: DictConfig, *, monitor: str = "val/loss", callbacks=()) ->
     ckpt = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best-{step}", monitor=monitor,
                            mode="min", save_top_k=1, save_last=True, auto_insert_metric_name=False)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return L.Trainer(default_root_dir=str(out), logger=logger,
-                     callbacks=[ckpt, LearningRateMonitor(logging_interval="step"), *callbacks],
-                     **trainer_kwargs)
+    callbacks = [ckpt, LearningRateMonitor(logging_interval="step"), *callbacks]
+    if not trainer_kwargs.get("enable_progress_bar", True) or not sys.stdout.isatty():
+        from callbacks.progress import ProgressLines
+
+        trainer_kwargs["enable_progress_bar"] = False  # a redrawn bar shows nothing in a log file
+        callbacks.append(ProgressLines())
+    return L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **trainer_kwargs)

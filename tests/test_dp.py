@@ -216,6 +216,8 @@ def test_train_dp_cli_trains_writes_logs_and_refuses_to_overwrite(data, tmp_path
     r = run_cli(*common)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "policy.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    # no bar in a pipe: plain progress lines, the first step and the end of the fit
+    assert "step 1/4 (25 %)" in r.stdout and "step 4/4 (100 %)" in r.stdout and "fit took" in r.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(out / "tb"))
@@ -238,6 +240,7 @@ def test_train_dp_cli_trains_writes_logs_and_refuses_to_overwrite(data, tmp_path
     assert (out / "checkpoints" / "last.ckpt").read_bytes() == before
     r = run_cli(*common, "RESUME=auto", "trainer.max_steps=6")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 5/6 (83 %)" in r.stdout and "step 6/6 (100 %)" in r.stdout
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
