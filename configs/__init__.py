@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "episodes": (1, None), "seed_start": (0, None), "workers": (0, None), "max_seeds_factor": (1, None),
     "max_steps": (0, None), "video_episodes": (0, None), "eval_episodes": (1, None),
     "rollout_episodes": (1, None), "rollout_every": (0, None), "vlm_steps": (1, None), "dp_steps": (1, None),
+    "vlm_code_fraction": (0.05, 1.0), "data.code_fraction": (0.05, 1.0),
     "dp_val_every": (1, None), "frames_per_episode": (1, None), "seed": (0, None),
     "env.image_size": (16, 1024), "image_size": (16, 1024), "model.image_size": (16, 1024), "model.horizon": (1, 256),
     "n_action_steps": (1, 256), "data.batch_size": (1, None), "data.num_workers": (0, None),

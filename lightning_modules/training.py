@@ -84,6 +84,19 @@ def fit(trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> None:
         raise
 
 
+def adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> "torch.optim.AdamW":
+    """``torch.optim.AdamW``, fused (one kernel over all tensors) where the parameters' device has
+    the fused kernel (CPU, CUDA). On the CPU torch's default is a per-tensor loop: for the cpu preset
+    DP it took 22-26 ms per step against 9 ms fused, of a training step of about 250 ms, so fused
+    trains about 5 % more steps per hour (benchmarks/train_step.py). The update is AdamW's either
+    way (equal up to float rounding)."""
+    import torch
+
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+
+
 def make_trainer(cfg: DictConfig, *, monitor: str = "val/loss", callbacks=()) -> L.Trainer:
     """A Trainer for ``cfg`` (see the module docstring); ``callbacks`` are added to the defaults."""
     out = Path(cfg.out)

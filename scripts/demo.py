@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         if not (vlm / "export").exists():
             training.append(("code VLM", "train_vlm.py", [
                 f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={vlm}", "RESUME=auto", f"STEPS={cfg.vlm_steps}",
-                "trainer.enable_progress_bar=false"]))
+                f"data.code_fraction={cfg.vlm_code_fraction}", "trainer.enable_progress_bar=false"]))
         if not (dp / "policy.pt").exists():
             training.append(("diffusion policy", "train_dp.py", [
                 f"DATA={data}", f"DATASET={','.join(tasks)}", f"OUT={dp}", "RESUME=auto",

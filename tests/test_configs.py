@@ -201,3 +201,12 @@ def test_cli_config_bad_value_prints_one_line(capsys):
 
 def test_cli_config_bad_interpolation_exits_2(capsys):
     assert entry_status(data_main, ["workers=${oops}"]) == 2
+
+
+@pytest.mark.parametrize("name, override", [("demo", "vlm_code_fraction=0"), ("demo", "vlm_code_fraction=1.5"),
+                                            ("vlm", "data.code_fraction=0")])
+def test_code_fraction_out_of_range_is_a_config_error(name, override):
+    """A zero share of code samples would leave the VLM nothing to learn code from; the demo used
+    to find out only after generating its data."""
+    with pytest.raises(ConfigError, match="code_fraction=.*must be in"):
+        load_config(name, [override])

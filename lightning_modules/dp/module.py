@@ -21,6 +21,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from ..training import adamw
 from .model import DiffusionPolicyModel
 
 POLICY_FORMAT = "code2action-dp-policy"
@@ -64,8 +65,7 @@ class DiffusionPolicyModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_cfg
-        opt = torch.optim.AdamW(self.model.parameters(), lr=c["lr"], betas=tuple(c["betas"]),
-                                weight_decay=c["weight_decay"])
+        opt = adamw(self.model.parameters(), lr=c["lr"], betas=c["betas"], weight_decay=c["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = get_scheduler("cosine", opt, num_warmup_steps=min(c["warmup_steps"], total // 2),
                               num_training_steps=total)

@@ -147,7 +147,7 @@ class VLMModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        opt = adamw(params, lr=o["lr"], betas=o["betas"], weight_decay=o["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
         warmup = int(o["warmup_steps"])
         floor = float(o["min_lr_ratio"])
