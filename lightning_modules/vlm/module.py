@@ -31,7 +31,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from configs.errors import CheckpointError
 from datamodules.vqa import BBOX, CODE, PromptFormat
-from lightning_modules.training import read_checkpoint
+from lightning_modules.training import adamw, read_checkpoint
 
 from .model import build_vlm, export_vlm
 
