@@ -87,7 +87,7 @@ def fit(trainer: L.Trainer, module, datamodule, ckpt_path: str | None) -> None:
 def adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> "torch.optim.AdamW":
     """``torch.optim.AdamW``, fused (one kernel over all tensors) where the parameters' device has
     the fused kernel (CPU, CUDA). On the CPU torch's default is a per-tensor loop: for the cpu preset
-    DP it took 22-26 ms per step against 9 ms fused, of a training step of about 250 ms, so fused
+    DP it took 18-26 ms per step against 7-9 ms fused, of a training step of 200-270 ms, so fused
     trains about 5 % more steps per hour (benchmarks/train_step.py). The update is AdamW's either
     way (equal up to float rounding)."""
     import torch
