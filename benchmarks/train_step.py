@@ -11,6 +11,7 @@ temporary folder. Ends with ``fused_step_speedup=<whole step with the loop / wit
 """
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -49,8 +50,9 @@ def main() -> None:
         torch.manual_seed(0)
         module, dm = build(cfg)
         dm.setup("fit")
-        batches = iter(dm.train_dataloader())
-        batch = [next(batches) for _ in range(4)]
+        batch = []
+        while len(batch) < 4:  # a small dataset may hold fewer batches: go round again
+            batch += list(itertools.islice(dm.train_dataloader(), 4 - len(batch)))
     model = module.model
     params = list(model.parameters())
     ema = EMAModel(params, decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
