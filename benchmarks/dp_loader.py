@@ -11,13 +11,12 @@ Ends with ``loader_over_train=<(a) / (b)>``.
 """
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _data import small_dataset  # benchmarks/_data.py (this folder is on sys.path)
+
 
 
 def samples_per_s(iterator, batches: int, batch_size: int, step=None) -> float:
@@ -51,12 +50,7 @@ def main() -> None:
     steps = 5 if args.quick else args.steps
     tasks = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = tmp
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={tmp}",
-                            f"TASKS={args.tasks}", "EPISODES=4", "env.image_size=64"], check=True,
-                           capture_output=True, cwd=ROOT)
+        data = args.data or small_dataset(tmp, args.tasks, 4)
         cfg = load_config("dp", ["preset=cpu_rgb"])  # the image DP: images + chunks through the loader
         bs = cfg.data.batch_size
         dm = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=2, horizon=cfg.model.horizon)

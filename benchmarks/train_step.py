@@ -13,11 +13,12 @@ temporary folder. Ends with ``fused_step_speedup=<whole step with the loop / wit
 import argparse
 import itertools
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _data import small_dataset  # benchmarks/_data.py (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,12 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     steps = 6 if args.quick else max(2, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = tmp
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_data.py"), f"OUT={tmp}",
-                            f"TASKS={args.tasks}", "EPISODES=3", "env.image_size=64"], check=True,
-                           stdout=subprocess.DEVNULL)
+        data = args.data or small_dataset(tmp, args.tasks, 3)
         cfg = load_config("dp", ["preset=cpu", f"data_dir={data}", f"tasks={args.tasks}", "data.num_workers=0"])
         torch.manual_seed(0)
         module, dm = build(cfg)

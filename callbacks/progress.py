@@ -14,9 +14,10 @@ import time
 import lightning as L
 
 
-def format_eta(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` (also the experiment runner's times)."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class ProgressLines(L.Callback):
@@ -45,7 +46,7 @@ class ProgressLines(L.Callback):
             rate = done / elapsed
             parts.append(f"{rate:.2f} steps/s")
             if total and total > step:
-                parts.append(f"eta {format_eta((total - step) / rate)}")
+                parts.append(f"eta {format_duration((total - step) / rate)}")
         return "  ".join(parts)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -55,4 +56,4 @@ class ProgressLines(L.Callback):
             print(self.line(trainer), flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        print(f"{self.line(trainer)}  (fit took {format_eta(time.monotonic() - self._start)})", flush=True)
+        print(f"{self.line(trainer)}  (fit took {format_duration(time.monotonic() - self._start)})", flush=True)

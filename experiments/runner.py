@@ -50,15 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from callbacks.progress import format_duration  # noqa: E402  (h:mm:ss, shared with the training progress lines)
 from configs.errors import ConfigError, UserError  # noqa: E402
 from experiments.stages import SCRIPTS, TRAININGS, Builder, Stage, settings, stage_keys  # noqa: E402
 
 PRESETS = ("cpu", "paper")
 
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def schedule_length(stages: list[Stage], durations: dict[str, float], jobs: int, done: set[str] = frozenset()) -> float:
