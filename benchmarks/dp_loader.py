@@ -13,7 +13,6 @@ Ends with ``loader_over_train=<(a) / (b)>``.
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 from _data import small_dataset  # benchmarks/_data.py (this folder is on sys.path)
 
