@@ -362,5 +362,7 @@ def test_conditioning_width_and_image_dependence(data, obs_skip):
 def test_spatial_softmax_refuses_images_too_small_for_it():
     from lightning_modules.dp.model import DiffusionPolicyModel
 
-    with pytest.raises(ValueError, match="image_pool avg"):
+    with pytest.raises(ValueError, match="image_pool avg or resnet_maxpool false"):
         DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax"})
+    # the 32 px crop without the stem's max-pool leaves 2x2: enough
+    DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax", "resnet_maxpool": False})

@@ -14,6 +14,16 @@ def test_resnet18_shapes_and_parameter_count():
     assert small(torch.rand(3, 3, 64, 64)).shape == (3, 64)
 
 
+def test_resnet_without_stem_maxpool_keeps_twice_the_resolution():
+    x = torch.rand(2, 3, 56, 56)  # the cpu_rgb crop
+    pooled, full = ResNet18GN(out_dim=8, width=16), ResNet18GN(out_dim=8, width=16, maxpool=False)
+    assert pooled.stages(pooled.stem(x)).shape[-2:] == (2, 2)
+    assert full.stages(full.stem(x)).shape[-2:] == (4, 4)
+    assert full(x).shape == (2, 8)
+    # no weights in the max-pool: one's checkpoint loads into the other
+    full.load_state_dict(pooled.state_dict())
+
+
 def test_groupnorm_makes_samples_independent_of_the_batch():
     torch.manual_seed(0)
     net = ResNet18GN(out_dim=32, width=16).train()

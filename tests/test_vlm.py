@@ -345,8 +345,18 @@ def test_train_resume_export_and_relabel(data, tmp_path, capsys):
     with h5py.File(files[0], "r") as f:
         g = f["episodes"][ds.episodes[0].name]["labels/vlm"]
         assert g["code"].shape == g["key_step"].shape and "vlm_id" in g.attrs
+        assert g.attrs["mode"].startswith("step, key-step request at recorded line ends")
     digests = {p: _digest(p) for p in data.rglob("seed_*.h5")}
     rc, stdout, _ = _run(relabel_dp.main, argv, capsys)
+    assert rc == 0 and digests == {p: _digest(p) for p in data.rglob("seed_*.h5")}
+    # the paper's plain query is another mode of the same VLM: every episode is relabelled, once
+    rc, stdout, err = _run(relabel_dp.main, [*argv, "keystep_on_line_end=false"], capsys)
+    assert rc == 0, err
+    assert all(_digest(p) != d for p, d in digests.items()), "episodes kept labels of the other mode"
+    with h5py.File(files[0], "r") as f:
+        assert f["episodes"][ds.episodes[0].name]["labels/vlm"].attrs["mode"].startswith("step (VLM + DP")
+    digests = {p: _digest(p) for p in data.rglob("seed_*.h5")}
+    rc, stdout, _ = _run(relabel_dp.main, [*argv, "keystep_on_line_end=false"], capsys)
     assert rc == 0 and digests == {p: _digest(p) for p in data.rglob("seed_*.h5")}
     rc, _, err = _run(relabel_dp.main, [*argv[:2], f"VLM={out}/checkpoints/last.ckpt", "progress=false"], capsys)
     assert rc == 2 and "overwrite=true" in err  # labels of another VLM are not replaced silently
@@ -375,6 +385,29 @@ def test_train_resume_export_and_relabel(data, tmp_path, capsys):
     with pytest.raises(ValueError, match="labels for"):
         write_labels(ep, "vlm", ["done()"], {})
     assert _digest(ep.path) == before and not list(ep.path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("line_ends, self_key_steps, requests", [
+    # the VLM never moves on by itself: asked at every recorded line end after the first line
+    ([1, 0, 0, 1, 0, 0, 1, 0], {}, [3, 6]),
+    # it named the next line one step early (t=2): not asked again at t=3; asked at t=6
+    ([1, 0, 0, 1, 0, 0, 1, 0], {2}, [6]),
+    # it moved on right after the request at t=3 (t=4): the line end at t=6 is not asked
+    ([1, 0, 0, 1, 0, 0, 1, 0], {4}, [3]),
+    # the key-steps named at line ends themselves do not count as moving on early
+    ([1, 0, 1, 0, 1], {0, 2, 4}, [2, 4]),
+])
+def test_relabel_asks_for_the_next_key_step_where_the_recorded_line_ended(line_ends, self_key_steps, requests):
+    from lightning_modules.vlm.relabel import LineEndRequests
+
+    rule, asked = LineEndRequests(line_ends), []
+    for t in range(len(line_ends)):
+        if rule.request(t):
+            asked.append(t)
+        rule.observe(t, t in self_key_steps or rule.request(t))  # a request always names a key-step here
+    assert asked == requests
+    never = LineEndRequests(np.zeros(len(line_ends), bool))
+    assert not any(never.request(t) for t in range(len(line_ends)))
 
 
 def _scalars(folder) -> list[str]:

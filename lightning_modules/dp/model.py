@@ -68,6 +68,7 @@ class DiffusionPolicyModel(nn.Module):
 
     def __init__(self, *, conditioning: str = "code", observation: str = "rgb", horizon: int = 16, image_size: int = 64,
                  crop_ratio: float = 0.875, resnet_width: int = 16, image_pool: str = "spatial_softmax",
+                 resnet_maxpool: bool = True,
                  obs_skip: bool = True, d_model: int = 128, n_heads: int = 4,
                  pool_blocks: int = 2, n_queries: int = 1, unet_channels=(64, 128, 256),
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
@@ -80,16 +81,19 @@ class DiffusionPolicyModel(nn.Module):
         self.observation = observation
         self.horizon, self.image_size, self.num_inference_steps = horizon, image_size, num_inference_steps
         self.crop = max(8, round(image_size * crop_ratio))
-        if observation == "rgb" and image_pool == "spatial_softmax" and -(-self.crop // 32) < 2:
+        stride = 32 if resnet_maxpool else 16
+        if observation == "rgb" and image_pool == "spatial_softmax" and -(-self.crop // stride) < 2:
             raise ConfigError(f"image_pool spatial_softmax needs a feature map of at least 2x2 (crops of "
-                             f"33 px or more); the {self.crop} px crop leaves 1x1: use image_pool avg")
+                             f"{stride + 1} px or more); the {self.crop} px crop leaves 1x1: use image_pool avg"
+                             + (" or resnet_maxpool false" if resnet_maxpool else ""))
         # proprio = qpos, qvel, tcp_pose (7): its width comes from the data (train_dp.build: 21 for
         # our Panda, 29 for ClevrSkills' xArm6 + vacuum); checkpoints without it are 21 wide
         self.proprio_dim = int(proprio_dim)
         self.tcp_position = slice(self.proprio_dim - 7, self.proprio_dim - 4)
         self.normalizer = Normalizer(ACTION_DIM, self.proprio_dim)
         cameras = CAMERAS if observation == "rgb" else ()
-        self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool)
+        self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool,
+                                                        maxpool=resnet_maxpool)
                                       for c in cameras})
         self.proprio = nn.Linear(self.proprio_dim, d_model)
         self.suction = nn.Linear(SUCTION_DIM, d_model)

@@ -4,7 +4,10 @@ Hand-written because torchvision's only wheel here is a CUDA build that breaks t
 (and with it lightning, torchmetrics and transformers). Same topology as torchvision's
 ``resnet18``: 7x7 stem, max-pool, 4 stages of 2 basic blocks; BatchNorm is replaced by
 GroupNorm (groups = channels // 16), which behaves the same in train and eval and with EMA.
-``width`` scales the channels (64 for the paper, smaller for the CPU preset).
+``width`` scales the channels (64 for the paper, smaller for the CPU preset). ``maxpool=False``
+drops the stem's max-pool, so a small image keeps twice the resolution in every stage (a 56 px
+crop ends on a 4x4 map instead of 2x2; the issue's diagnosis measured it, with spatial softmax, as
+the better image encoder for 64 px images).
 
 ``pool``: how the last feature map becomes one vector. ``spatial_softmax`` (default) is Diffusion
 Policy's (robomimic's): a 1x1 conv to ``keypoints`` maps, a softmax over positions per map, and
@@ -65,13 +68,14 @@ class ResNet18GN(nn.Module):
 
     POOLS = ("spatial_softmax", "avg")
 
-    def __init__(self, out_dim: int = 512, width: int = 64, pool: str = "spatial_softmax", keypoints: int = 32):
+    def __init__(self, out_dim: int = 512, width: int = 64, pool: str = "spatial_softmax", keypoints: int = 32,
+                 maxpool: bool = True):
         super().__init__()
         if pool not in self.POOLS:
             raise ConfigError(f"unknown image pool {pool!r}; pools: {list(self.POOLS)}")
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
+        stem = [nn.Conv2d(3, w, 7, 2, 3, bias=False), _norm(w), nn.ReLU(inplace=True)]
+        self.stem = nn.Sequential(*stem, *([nn.MaxPool2d(3, 2, 1)] if maxpool else []))  # no weights either way
         stages, cin = [], w
         for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
             stride = 1 if i == 0 else 2

@@ -1,9 +1,18 @@
 """VLM relabelling of diffusion-policy data (paper 4.3, 5.2): ``make relabel-dp``.
 
-The planner runs over every step of every episode, closed-loop on its own memory exactly as at
-inference (``VLMPlanner.step`` with early stopping), and its lines are stored as the label set
+The planner runs over every step of every episode, closed-loop on its own memory as at inference
+(``VLMPlanner.step`` with early stopping), and its lines are stored as the label set
 ``labels/<label_set>`` (``code`` (T,) str, ``key_step`` (T,) bool, attributes naming the VLM) in the
 episode files, next to ``labels/oracle``. The DP trains on them with its ``vlm`` conditioning.
+
+``keystep_on_line_end`` (default True; not in the paper): where the recorded line has ended (the
+oracle starts a new key-step at that step) and the VLM has not itself named a new key-step since
+the previous line end, the VLM gets the key-step request (``next_key_step``), as VLM+DP asks it
+when the DP's chunk ends in holds (``keystep_on_hold``, the evaluator's default). In recorded data
+the executing policy is the oracle, so its line ends are what the DP's would be. With False the VLM
+must see every line end in the image (the paper's every-step query). Why: so queried, our VLM
+kept naming the running line (measured: PlaceOnTop labels stuck on ``# pick(...)`` for the rest of
+the episode, 42 % of lines equal to the oracle's, and a DP trained on them at 0/64 as VLM+DP).
 
 Crash safety: an episode file is copied to a temporary file, the labels are written into the
 copy, and the copy is renamed over the original; a crash leaves either the old or the new file.
@@ -111,13 +120,23 @@ def write_labels(ep: EpisodeRef, label_set: str, lines: list[str], attrs: dict) 
             os.unlink(tmp)
 
 
-def plan(files, label_set: str, vlm_id: str, overwrite: bool) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
-    """(to do, done) episodes; RelabelError if some hold labels of another VLM and not overwrite."""
+def mode_name(keystep_on_line_end: bool) -> str:
+    """The ``mode`` attribute of a label set: how the planner was queried."""
+    return ("step, key-step request at recorded line ends (VLM + DP inference with keystep_on_hold)"
+            if keystep_on_line_end else "step (VLM + DP inference, closed loop on its own memory)")
+
+
+def plan(files, label_set: str, vlm_id: str, overwrite: bool,
+         mode: str | None = None) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
+    """(to do, done) episodes; RelabelError if some hold labels of another VLM and not overwrite.
+    Labels of the same VLM made in another ``mode`` (when given) are redone."""
     todo, done, foreign = [], [], []
     for index in files:
         for ep in episodes_of(Path(index)):
             labels, attrs, _ = stored_labels(ep, label_set)
             if labels is None:
+                todo.append(ep)
+            elif attrs.get("vlm_id") == vlm_id and mode is not None and attrs.get("mode") != mode:
                 todo.append(ep)
             elif attrs.get("vlm_id") == vlm_id and not overwrite:
                 done.append(ep)
@@ -131,17 +150,40 @@ def plan(files, label_set: str, vlm_id: str, overwrite: bool) -> tuple[list[Epis
     return todo, done
 
 
-def relabel_episode(planner, ep: EpisodeRef) -> tuple[list[str], int, int, int]:
-    """Run the planner over the episode's base-camera frames: (lines, errors, early stops, tokens)."""
+class LineEndRequests:
+    """When relabelling asks the VLM with the key-step request (``keystep_on_line_end``).
+
+    ``line_ends`` (T,) bool: the recorded policy starts a new line at step t (the oracle's key-steps).
+    ``request(t)`` is True at a line end t > 0 unless the VLM named a new key-step by itself since
+    the previous line end (it then already moved on, early); t = 0 is the plan's first line, asked
+    with a plain query as at inference. Call ``observe(t, new_key_step)`` after each query."""
+
+    def __init__(self, line_ends):
+        self.line_ends = np.asarray(line_ends, dtype=bool)
+        self.advanced = False
+
+    def request(self, t: int) -> bool:
+        return bool(self.line_ends[t]) and t > 0 and not self.advanced
+
+    def observe(self, t: int, new_key_step: bool) -> None:
+        self.advanced = False if self.line_ends[t] else self.advanced or bool(new_key_step)
+
+
+def relabel_episode(planner, ep: EpisodeRef, keystep_on_line_end: bool = True) -> tuple[list[str], int, int, int]:
+    """Run the planner over the episode's base-camera frames: (lines, errors, early stops, tokens).
+    ``keystep_on_line_end``: the key-step request where the recorded line ended (module docstring)."""
     with h5py.File(ep.path, "r") as f:
         g = f["episode"]
         prompt = str(g.attrs["prompt"])
         objects = list(g["objects/name"].asstr()[:])
         frames = g["obs/base_rgb"][:]
+        line_ends = g["labels/oracle/key_step"][:].astype(bool)
     planner.reset(prompt, objects=objects)
+    rule = LineEndRequests(line_ends if keystep_on_line_end else np.zeros_like(line_ends))
     lines, errors, early, tokens = [], 0, 0, 0
-    for image in frames:
-        step = planner.step(image)
+    for t, image in enumerate(frames):
+        step = planner.next_key_step(image) if rule.request(t) else planner.step(image)
+        rule.observe(t, bool(step.new_key_step))
         lines.append(step.line)
         errors += step.error is not None
         early += step.early_stopped
@@ -150,12 +192,13 @@ def relabel_episode(planner, ep: EpisodeRef) -> tuple[list[str], int, int, int]:
 
 
 def relabel(files, planner, vlm_path, label_set: str = "vlm", overwrite: bool = False,
-            progress: bool = True) -> dict[str, Agreement]:
+            progress: bool = True, keystep_on_line_end: bool = True) -> dict[str, Agreement]:
     """Relabel every episode of the task index ``files``; returns per-task agreement with the oracle."""
     from tqdm import tqdm
 
     vlm_id = vlm_identity(vlm_path)
-    todo, done = plan(files, label_set, vlm_id, overwrite)
+    mode = mode_name(keystep_on_line_end)
+    todo, done = plan(files, label_set, vlm_id, overwrite, mode)
     stats: dict[str, Agreement] = {}
     for ep in done:
         labels, _, oracle = stored_labels(ep, label_set)
@@ -166,10 +209,10 @@ def relabel(files, planner, vlm_path, label_set: str = "vlm", overwrite: bool = 
             total += int(f["episode"].attrs["num_steps"])
     attrs = {"vlm": str(Path(vlm_path).resolve()), "vlm_id": vlm_id,
              "early_stop_k": planner.early_stop_k if todo else -1,
-             "mode": "step (VLM + DP inference, closed loop on its own memory)"}
+             "mode": mode}
     with tqdm(total=total, unit="step", disable=not progress, desc="relabel") as bar:
         for ep in todo:
-            lines, errors, early, tokens = relabel_episode(planner, ep)
+            lines, errors, early, tokens = relabel_episode(planner, ep, keystep_on_line_end)
             write_labels(ep, label_set, lines, {**attrs, "errors": errors})
             _, _, oracle = stored_labels(ep, label_set)
             a = stats.setdefault(ep.task, Agreement())
