@@ -410,6 +410,43 @@ def test_relabel_asks_for_the_next_key_step_where_the_recorded_line_ended(line_e
     assert not any(never.request(t) for t in range(len(line_ends)))
 
 
+def test_recorded_scene_gives_the_oracle_pose_values_and_follows_the_recorded_objects(files):
+    """Relabelling stores the positions of the VLM's pose_dict lines by running them on the
+    recorded scene: on the oracle's own lines it reproduces the oracle's recorded values, and a
+    line run at a later step sees the objects where they were recorded then."""
+    from envs.skills import DIRECTIONS
+    from envs.skills.replay import RecordedScene
+    from datamodules.labels import POSE_DICT_ASSIGNMENT
+    from datamodules.schema import read_pose_dict
+
+    scene = RecordedScene()
+    try:
+        with h5py.File(files[TASKS.index("Push")], "r") as f:
+            for name in f["episodes"]:
+                g = f["episodes"][name]
+                lines = list(g["labels/oracle/code"].asstr()[:])
+                assignments = [(t, x) for t, x in enumerate(lines) if POSE_DICT_ASSIGNMENT.match(x)]
+                names, poses = list(g["objects/name"].asstr()[:]), g["obs/object_pose"][:]
+                task, seed = str(g.attrs["task"]), int(g.attrs["seed"])
+                values, errors = scene.pose_values(task, seed, names, poses, assignments)
+                recorded = read_pose_dict(g["labels/oracle"])
+                assert errors == 0 and assignments and set(values) == set(recorded) == {"goal"}
+                np.testing.assert_allclose(values["goal"], recorded["goal"], atol=1e-5)
+                # the same query at the last step: from where the pushed object ended up
+                obj = names[0]
+                last = len(lines) - 1
+                line = f"pose_dict['goal'] = offset_pose(get_actor('{obj}'), direction='left', distance=0.1)"
+                values, errors = scene.pose_values(task, seed, names, poses, [(last, line)])
+                expected = poses[last, 0, :2] + 0.1 * np.asarray(DIRECTIONS["left"])[:2]
+                assert errors == 0 and np.linalg.norm(poses[last, 0, :2] - poses[0, 0, :2]) > 0.05
+                np.testing.assert_allclose(values["goal"][:2], expected, atol=1e-5)
+                # a line that cannot run in the scene stores nothing and is counted
+                bad = "pose_dict['goal'] = get_pose(get_actor('gold sphere'))"
+                assert scene.pose_values(task, seed, names, poses, [(0, bad)]) == ({}, 1)
+    finally:
+        scene.close()
+
+
 def _scalars(folder) -> list[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

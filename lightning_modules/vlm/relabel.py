@@ -2,7 +2,8 @@
 
 The planner runs over every step of every episode, closed-loop on its own memory as at inference
 (``VLMPlanner.step`` with early stopping), and its lines are stored as the label set
-``labels/<label_set>`` (``code`` (T,) str, ``key_step`` (T,) bool, attributes naming the VLM) in the
+``labels/<label_set>`` (``code`` (T,) str, ``key_step`` (T,) bool, ``pose_keys``/``pose_values``: the
+positions of its ``pose_dict`` lines (:func:`label_poses`), attributes naming the VLM) in the
 episode files, next to ``labels/oracle``. The DP trains on them with its ``vlm`` conditioning.
 
 ``keystep_on_line_end`` (default True; not in the paper): where the recorded line has ended (the
@@ -32,7 +33,7 @@ import numpy as np
 
 from configs.errors import UserError
 from datamodules import schema
-from datamodules.labels import is_key_step
+from datamodules.labels import POSE_DICT_ASSIGNMENT, is_key_step
 
 
 class RelabelError(UserError, ValueError):
@@ -97,8 +98,10 @@ def stored_labels(ep: EpisodeRef, label_set: str) -> tuple[list[str] | None, dic
         return None, {}, oracle
 
 
-def write_labels(ep: EpisodeRef, label_set: str, lines: list[str], attrs: dict) -> None:
-    """Atomically replace ``labels/<label_set>`` in the episode file (copy, write, rename)."""
+def write_labels(ep: EpisodeRef, label_set: str, lines: list[str], attrs: dict,
+                 pose_dict: dict | None = None) -> None:
+    """Atomically replace ``labels/<label_set>`` in the episode file (copy, write, rename), with
+    the positions of its ``pose_dict`` lines (key -> (3,); none: empty)."""
     fd, tmp = tempfile.mkstemp(dir=ep.path.parent, prefix=ep.path.name, suffix=".tmp")
     os.close(fd)
     try:
@@ -113,6 +116,7 @@ def write_labels(ep: EpisodeRef, label_set: str, lines: list[str], attrs: dict) 
             lab = g.create_group(key)
             lab.create_dataset("code", data=np.array(lines, dtype=object), dtype=schema.STR)
             lab.create_dataset("key_step", data=np.array([is_key_step(x) for x in lines], dtype=bool))
+            schema.write_pose_dict(lab, pose_dict or {})
             lab.attrs.update(attrs)
         os.replace(tmp, ep.path)
     finally:
@@ -169,6 +173,26 @@ class LineEndRequests:
         self.advanced = False if self.line_ends[t] else self.advanced or bool(new_key_step)
 
 
+def label_poses(ep: EpisodeRef, lines: list[str], scene) -> tuple[dict, int]:
+    """The positions of the ``pose_dict[...] = ...`` key-step lines among ``lines`` (the state DP
+    reads them): the oracle's recorded values when the lines are the oracle's own, else the lines
+    run on the recorded scene (``scene``: :class:`envs.skills.replay.RecordedScene`).
+    Returns (key -> position (3,), lines that failed to run)."""
+    assignments = [(t, x) for t, x in enumerate(lines) if is_key_step(x) and POSE_DICT_ASSIGNMENT.match(x)]
+    if not assignments:
+        return {}, 0
+    with h5py.File(ep.path, "r") as f:
+        g = f["episode"]
+        oracle = [x for x in g["labels/oracle/code"].asstr()[:] if is_key_step(x) and POSE_DICT_ASSIGNMENT.match(x)]
+        if [x for _, x in assignments] == oracle:
+            return schema.read_pose_dict(g["labels/oracle"]), 0
+        if "object_pose" not in g["obs"]:  # version-1 data: no recorded scene
+            return {}, len(assignments)
+        names, poses = list(g["objects/name"].asstr()[:]), g["obs/object_pose"][:]
+        task, seed = str(g.attrs["task"]), int(g.attrs["seed"])
+    return scene.pose_values(task, seed, names, poses, assignments)
+
+
 def relabel_episode(planner, ep: EpisodeRef, keystep_on_line_end: bool = True) -> tuple[list[str], int, int, int]:
     """Run the planner over the episode's base-camera frames: (lines, errors, early stops, tokens).
     ``keystep_on_line_end``: the key-step request where the recorded line ended (module docstring)."""
@@ -210,16 +234,21 @@ def relabel(files, planner, vlm_path, label_set: str = "vlm", overwrite: bool = 
     attrs = {"vlm": str(Path(vlm_path).resolve()), "vlm_id": vlm_id,
              "early_stop_k": planner.early_stop_k if todo else -1,
              "mode": mode}
+    from envs.skills.replay import RecordedScene
+
+    scene = RecordedScene()
     with tqdm(total=total, unit="step", disable=not progress, desc="relabel") as bar:
         for ep in todo:
             lines, errors, early, tokens = relabel_episode(planner, ep, keystep_on_line_end)
-            write_labels(ep, label_set, lines, {**attrs, "errors": errors})
+            poses, pose_errors = label_poses(ep, lines, scene)
+            write_labels(ep, label_set, lines, {**attrs, "errors": errors, "pose_errors": pose_errors}, poses)
             _, _, oracle = stored_labels(ep, label_set)
             a = stats.setdefault(ep.task, Agreement())
             a.add(lines, oracle, errors, early, tokens)
             a.relabelled += 1
             a.new_steps += len(lines)
             bar.update(len(lines))
+    scene.close()
     return stats
 
 
