@@ -14,9 +14,6 @@ import argparse
 import tempfile
 import time
 
-from _data import small_dataset  # benchmarks/_data.py (this folder is on sys.path)
-
-
 
 def samples_per_s(iterator, batches: int, batch_size: int, step=None) -> float:
     batch = next(iterator)  # warm-up (worker start, first reads)
@@ -44,12 +41,13 @@ def main() -> None:
 
     from configs import load_config
     from datamodules.dp_datamodule import DiffusionPolicyDataModule
+    from datamodules.generate import small_dataset
     from lightning_modules.dp.module import DiffusionPolicyModule
 
     steps = 5 if args.quick else args.steps
     tasks = args.tasks.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or small_dataset(tmp, args.tasks, 4)
+        data = args.data or small_dataset(tmp, tasks, 4)
         cfg = load_config("dp", ["preset=cpu_rgb"])  # the image DP: images + chunks through the loader
         bs = cfg.data.batch_size
         dm = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=2, horizon=cfg.model.horizon)

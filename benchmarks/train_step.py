@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import small_dataset  # benchmarks/_data.py (this folder is on sys.path)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -36,12 +34,13 @@ def main() -> None:
     from diffusers.training_utils import EMAModel
 
     from configs import load_config
+    from datamodules.generate import small_dataset
     from train_dp import build
 
     torch.set_num_threads(1)
     steps = 6 if args.quick else max(2, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or small_dataset(tmp, args.tasks, 3)
+        data = args.data or small_dataset(tmp, args.tasks.split(","), 3)
         cfg = load_config("dp", ["preset=cpu", f"data_dir={data}", f"tasks={args.tasks}", "data.num_workers=0"])
         torch.manual_seed(0)
         module, dm = build(cfg)

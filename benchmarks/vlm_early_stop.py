@@ -35,15 +35,10 @@ SETTINGS = (("plain", False, False, False), ("early stop", True, False, False), 
 def ensure_data(folder: str | None, tasks: list[str], tmp: str) -> Path:
     if folder and all((Path(folder) / f"{t}.h5").exists() for t in tasks):
         return Path(folder)
-    from omegaconf import OmegaConf
-
-    from datamodules.generate import generate
+    from datamodules.generate import small_dataset
 
     print(f"no dataset with {tasks} in {folder}: generating 3 episodes per task (64 px) in {tmp}")
-    cfg = OmegaConf.create({"tasks": ",".join(tasks), "episodes": 3, "seed_start": 0, "max_seeds_factor": 3,
-                            "workers": 1, "out": tmp, "env": {"image_size": 64, "backend": "auto"}})
-    generate(cfg, tasks, progress=False)
-    return Path(tmp)
+    return small_dataset(tmp, tasks, 3)
 
 
 def ensure_vlm(path: str | None, data: Path, steps: int, tmp: str) -> Path:

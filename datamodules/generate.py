@@ -277,3 +277,15 @@ def _generate_task(pool, workers, cfg, out: Path, task: str, progress: bool, tqd
     if len(seeds) < target:
         info["incomplete"] = f"only {len(seeds)} successes in seeds [{first}, {last})"
     return info
+
+
+def small_dataset(out, tasks: list[str], episodes: int, image_size: int = 64) -> Path:
+    """``make data`` of ``episodes`` per task into ``out`` (for benchmarks that were given no data);
+    returns ``out``. Run as a child process, so the caller never holds a simulator."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "generate_data.py"), f"OUT={out}", f"TASKS={','.join(tasks)}",
+                    f"EPISODES={episodes}", f"env.image_size={image_size}"], check=True, capture_output=True, cwd=root)
+    return Path(out)
