@@ -57,7 +57,6 @@ from experiments.stages import SCRIPTS, TRAININGS, Builder, Stage, settings, sta
 PRESETS = ("cpu", "paper")
 
 
-
 def schedule_length(stages: list[Stage], durations: dict[str, float], jobs: int, done: set[str] = frozenset()) -> float:
     """Wall time of running ``stages`` (minus ``done``) with the runner's rules, given durations."""
     todo = [s for s in stages if s.name not in done]
