@@ -13,15 +13,15 @@ those, so reruns and different worker counts give the same dataset.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from configs.errors import ConfigError, MissingInputError, UserError
+from configs.workers import spawn_pool
 
 from . import schema
 from .labels import step_labels
@@ -37,9 +37,6 @@ _WORKER_CFG: dict = {}
 
 
 def _init_worker(env_cfg: dict, out: str, solver: dict | None = None) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: running episodes finish, atomically
     _WORKER_CFG.update(env=env_cfg, out=out, solver=solver or {"policy": "oracle"})
     if _WORKER_CFG["solver"]["policy"] == "vlm_oracle":
         import torch
@@ -186,9 +183,7 @@ def generate(cfg, tasks: list[str], progress: bool = True) -> dict:
     if before.get("env") == env_cfg:  # the other tasks of the folder (an earlier command) stay listed
         manifest["tasks"] = {t: info for t, info in previous.get("tasks", {}).items() if t not in tasks}
     workers = max(1, int(cfg.workers))
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(env_cfg, str(out), solver)) as pool:
+    with spawn_pool(workers, _init_worker, (env_cfg, str(out), solver)) as pool:  # Ctrl-C: running episodes finish
         try:
             for task in tasks:
                 manifest["tasks"][task] = _generate_task(pool, workers, cfg, out, task, progress, tqdm)

@@ -41,16 +41,17 @@ from __future__ import annotations
 
 import csv
 import io
-import multiprocessing as mp
 import os
 import queue
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from configs.workers import SPAWN, spawn_pool
 
 from .base import Policy
 from .episodes import (EpisodeResult, Video, cached_env, close_cached_envs, frozen_gc, preserved_rng, run_batched,
@@ -254,11 +255,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(spec: PolicySpec, env_cfg: dict, threads: int, envs_per_worker: int, jobs=None, done=None) -> None:
-    import signal
-
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it cancels the rest)
     torch.set_num_threads(threads)
     _WORKER.update(policies=build_policies(spec, envs_per_worker), jobs=jobs, done=done, **env_cfg)
     import gc
@@ -386,12 +384,10 @@ def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool,
 def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_worker: int, progress: bool,
                   on_episode) -> list:
     threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
     batched = envs_per_worker > 1
-    todo, done = (ctx.Queue(), ctx.Queue()) if batched else (None, None)
+    todo, done = (SPAWN.Queue(), SPAWN.Queue()) if batched else (None, None)
     desc = f"rollouts ({workers} workers" + (f" x {envs_per_worker} envs)" if batched else ")")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(spec, env_cfg, threads, envs_per_worker, todo, done)) as pool, \
+    with spawn_pool(workers, _init_worker, (spec, env_cfg, threads, envs_per_worker, todo, done)) as pool, \
             _progress(len(jobs), progress, desc) as bar:
         try:
             if not batched:

@@ -24,14 +24,14 @@ The output folder is a dataset like the one ``make data`` writes (``<OUT>/<Task>
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import re
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from configs.errors import ConfigError, MissingInputError
+from configs.workers import spawn_pool
 
 from .. import schema
 from ..generate import DataWriteError, scan
@@ -101,10 +101,7 @@ def import_one(src: str, rel: str, seed: int, out: str, settings: Settings) -> t
     return seed, None, reason, 0
 
 
-def _init_worker() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: running jobs finish atomically
+def _init_worker() -> None:  # Ctrl-C is the parent's (configs.workers): running jobs finish atomically
     import torch
 
     torch.set_num_threads(1)
@@ -173,7 +170,7 @@ def _guarded(fn, *args):
 
 def _run_pool(todo, workers, src: Path, out: Path, settings: Settings, record) -> None:
     pending = iter(todo)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+    with spawn_pool(workers, _init_worker) as pool:
         running: dict = {}
         try:
             while True:
