@@ -71,9 +71,42 @@ def config_defaults(kind: str, preset: str | None = None) -> dict:
     return OmegaConf.to_container(load_config(CONFIGS[kind], [f"preset={preset}"] if preset else []))
 
 
+# Config options added after stages were cached, each with the value that reproduces what the
+# scripts did before the option existed. At that value an option is left out of a stage's key, so
+# adding it does not orphan finished stages (``resnet_maxpool`` did, in session 11: every DP stage's
+# key changed, and the state DPs, which have no ResNet, were renamed by hand); another value changes
+# the key as any setting does. Add an option here only when that value really changes nothing.
+KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True}}
+
+
+def _without_neutral(kind: str, defaults: dict) -> dict:
+    """``defaults`` less the :data:`KEY_NEUTRAL` options of ``kind`` that have their neutral value."""
+    out = defaults
+    for dotted, value in KEY_NEUTRAL.get(kind, {}).items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == value:
+            if out is defaults:
+                out = json.loads(json.dumps(defaults))  # a copy: the cached defaults stay whole
+            node = out
+            for p in parents:
+                node = node[p]
+            del node[leaf]
+    return out
+
+
+def _neutral_args(kind: str, args: dict) -> dict:
+    """``args`` less the command-line overrides that set a :data:`KEY_NEUTRAL` option to its neutral value."""
+    neutral = KEY_NEUTRAL.get(kind, {})
+    return {k: v for k, v in args.items() if not (k in neutral and str(v).lower() == str(neutral[k]).lower())}
+
+
 def stage_keys(stages: list[Stage]) -> dict[str, str]:
     """name -> 10-hex-digit key: hash of kind, args, the script's config defaults
-    (:func:`config_defaults`) and the keys of the stages it reads."""
+    (:func:`config_defaults`, less the :data:`KEY_NEUTRAL` options at their neutral value) and the
+    keys of the stages it reads."""
     keys: dict[str, str] = {}
     defaults: dict[tuple, dict] = {}
     for s in stages:
@@ -82,8 +115,8 @@ def stage_keys(stages: list[Stage]) -> dict[str, str]:
                 raise ValueError(f"stage {s.name} reads {dep!r}, which is not an earlier stage")
         which = (s.kind, s.args.get("PRESET"))
         if which not in defaults:
-            defaults[which] = config_defaults(*which)
-        blob = {"kind": s.kind, "args": s.args, "defaults": defaults[which],
+            defaults[which] = _without_neutral(s.kind, config_defaults(*which))
+        blob = {"kind": s.kind, "args": _neutral_args(s.kind, s.args), "defaults": defaults[which],
                 "inputs": {arg: [keys[dep], sub] for arg, (dep, sub) in s.inputs.items()}}
         keys[s.name] = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
     return keys

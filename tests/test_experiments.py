@@ -82,6 +82,27 @@ def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_
          "eval_full_chunk_paced", "eval_half_horizon_paced"])
 
 
+def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(tmp_path, monkeypatch):
+    """configs/dp.yaml without ``model.resnet_maxpool`` (as before the option existed) gives the
+    keys of today's configs, where it is true (stages.KEY_NEUTRAL); set to false it reruns the DP."""
+    import configs
+
+    base = stages_of(ablate_chunking, "cpu", False)
+    copy = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, copy)
+    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    dp_yaml = copy / "dp.yaml"
+    lines = dp_yaml.read_text().splitlines(keepends=True)
+    assert sum("resnet_maxpool: true" in line for line in lines) == 1
+    dp_yaml.write_text("".join(line for line in lines if "resnet_maxpool" not in line))
+    assert stages_of(ablate_chunking, "cpu", False) == base
+    dp_yaml.write_text("".join(lines).replace("resnet_maxpool: true", "resnet_maxpool: false"))
+    changed = stages_of(ablate_chunking, "cpu", False)
+    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
+        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+
+
 def test_stage_keys_need_earlier_stages():
     with pytest.raises(ValueError, match="not an earlier stage"):
         stage_keys([Stage("dp", "train_dp", {}, {"DATA": ("data", "")})])
