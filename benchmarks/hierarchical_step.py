@@ -17,7 +17,8 @@ the DP's line ends, not in the paper).
 The clock is the thread's CPU time (equal to the wall time on an idle machine with one thread;
 on a busy one it leaves out the time other processes hold the core); wall times are printed
 too, and the VLM's and the DP's shares of VLM+DP. Without ``--dp`` the latency is taken on a
-random-init cpu-preset DP (the cost does not depend on the weights); without ``--vlm`` it uses
+random-init cpu-preset DP, seeded (the cost of a chunk does not depend on the weights; the actions
+do, and through the scene the VLM's key-steps and the chunks they regenerate); without ``--vlm`` it uses
 ``outputs/demo/vlm/export`` or ``outputs/vlm/cpu/export``, else trains one briefly (as
 benchmarks/vlm_early_stop.py does: with ``--quick`` too briefly to mean much).
 Ends with ``vlmdp_over_flat=<VLM+DP CPU ms/step / flat DP CPU ms/step>`` (goal <= 1.5).
@@ -41,7 +42,10 @@ def fresh_dp(data: Path, path: Path) -> Path:
     from datamodules.stats import load_stats
     from lightning_modules.dp.module import DiffusionPolicyModule
 
+    import torch
+
     cfg = load_config("dp", ["preset=cpu"])
+    torch.manual_seed(0)  # the same random DP in every run: its actions steer the VLM, and so the cost
     module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": "code"},
                                    n_action_steps=cfg.n_action_steps)
     module.set_stats(load_stats(sorted(data.glob("*.h5"))))
