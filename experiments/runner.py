@@ -7,7 +7,8 @@ path, and a crash stays in its stage)::
     python experiments/table1.py [--preset cpu|paper] [--quick] [--jobs N] [--dry-run] [--out DIR] [name=value ...]
 
 Caching. A stage's key is a hash of its kind, its arguments, its script's config defaults (preset
-included) and the keys of the stages it reads (:mod:`experiments.stages`), so a changed setting, on
+included; options added later at their neutral value left out, ``stages.KEY_NEUTRAL``) and the keys
+of the stages it reads (:mod:`experiments.stages`), so a changed setting, on
 the command line or in ``configs/``, reruns exactly the stages that depend on it. A stage runs in
 ``<out>/stages/<name>-<key>/`` and is finished when its ``stage.json`` exists (written last): a
 rerun skips it. A killed stage is run again in the same folder, and resumes there: data generation
