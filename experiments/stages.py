@@ -80,21 +80,16 @@ KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:
-    """``defaults`` less the :data:`KEY_NEUTRAL` options of ``kind`` that have their neutral value."""
-    out = defaults
+    """``defaults`` (a fresh :func:`config_defaults` dict, changed in place) less the
+    :data:`KEY_NEUTRAL` options of ``kind`` that have their neutral value."""
     for dotted, value in KEY_NEUTRAL.get(kind, {}).items():
         *parents, leaf = dotted.split(".")
-        node = out
+        node = defaults
         for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == value:
-            if out is defaults:
-                out = json.loads(json.dumps(defaults))  # a copy: the cached defaults stay whole
-            node = out
-            for p in parents:
-                node = node[p]
+            node = node.get(p) if isinstance(node.get(p), dict) else {}
+        if leaf in node and node[leaf] == value:
             del node[leaf]
-    return out
+    return defaults
 
 
 def _neutral_args(kind: str, args: dict) -> dict:
