@@ -36,13 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def fresh_dp(data: Path, path: Path) -> Path:
+    import torch
     from omegaconf import OmegaConf
 
     from configs import load_config
     from datamodules.stats import load_stats
     from lightning_modules.dp.module import DiffusionPolicyModule
-
-    import torch
 
     cfg = load_config("dp", ["preset=cpu"])
     torch.manual_seed(0)  # the same random DP in every run: its actions steer the VLM, and so the cost
