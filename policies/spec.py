@@ -13,7 +13,7 @@ kind        policy                                       needs         options
 ==========  ===========================================  ============  =====================
 oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
-vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, query_every_step, confirm_line_end, device
+vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, query_every_step, confirm_line_end, stop_on_done, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
 dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, pace, reissue_after, device
 ==========  ===========================================  ============  =====================
@@ -43,7 +43,7 @@ OPTIONS = {
     "oracle": set(),
     "flat_dp": _CHUNKING | {"device"},
     "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
-                           "confirm_line_end", "device"},
+                           "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
     "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
                               "device"},
@@ -139,7 +139,7 @@ def _make(spec: PolicySpec, opts: dict, dp, vlm):
     if spec.kind == "vlm_dp":
         from .vlm_dp import VLMDP
 
-        hold = {k: bool(opts.pop(k)) for k in ("keystep_on_hold", "query_every_step") if k in opts}
+        hold = {k: bool(opts.pop(k)) for k in ("keystep_on_hold", "query_every_step", "stop_on_done") if k in opts}
         if "confirm_line_end" in opts:
             hold["confirm_line_end"] = int(opts.pop("confirm_line_end"))
         return VLMDP(vlm, dp, **hold, **chunking)

@@ -186,13 +186,21 @@ class VLMDP(ChunkedDP):
     (success needs 8) and held, and the VLM, which cannot see the missing centimetre in a 64 px
     image, answered ``done()``; DP+Oracle's ``reissue_after`` showed that such a DP pushes on
     when given its line again. ``pose_dict`` assignments and ``done()`` are never repeated.
+
+    ``stop_on_done`` (default True; the paper does not say): the episode ends when the VLM writes
+    ``done()`` (the action of that step, the DP's chunk for ``done()``, is still executed), as
+    ``done()`` ends VLM+Oracle's program. With False the DP holds on ``done()`` and the VLM is asked
+    again when that line ends, so a wrong ``done()`` runs on to the step cap. Measured (README): the
+    same successes, seed for seed, in half the evaluation time; failures read "stopped without
+    success" instead of "step cap".
     """
 
     kind = "vlm_dp"
 
     def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
-                 max_line_steps: int = 100, confirm_line_end: int = 0, **chunking):
+                 max_line_steps: int = 100, confirm_line_end: int = 0, stop_on_done: bool = True, **chunking):
         super().__init__(dp, **chunking)
+        self.stop_on_done = bool(stop_on_done)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
@@ -240,6 +248,7 @@ class VLMDP(ChunkedDP):
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
             self.running_cache_info, self.confirmations = cache_info, 0
+            self.finished = self.stop_on_done and step.line.strip() == "done()"
         else:
             self.line_steps += 1
         self.vlm_tokens += int(step.tokens or 0)

@@ -26,7 +26,8 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "REGENERATE": "policy_options.regenerate_on_keystep", "DEVICE": "policy_options.device",
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
            "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold", "QUERY_EVERY_STEP": "policy_options.query_every_step",
-           "REISSUE_AFTER": "policy_options.reissue_after", "CONFIRM_LINE_END": "policy_options.confirm_line_end"}
+           "REISSUE_AFTER": "policy_options.reissue_after", "CONFIRM_LINE_END": "policy_options.confirm_line_end",
+           "STOP_ON_DONE": "policy_options.stop_on_done"}
 
 
 def policy_spec(cfg):

@@ -205,6 +205,20 @@ def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vl
         VLMDP(planner, dp, confirm_line_end=-1)
 
 
+def test_stop_on_done_ends_the_policy_when_the_vlm_writes_done():
+    lines = ["move3d(get_actor('a'))", "# move3d(get_actor('a'))", "done()", "# done()", "move3d(get_actor('b'))"]
+    stop = VLMDP(ScriptedPlanner(lines), CountingDP(horizon=8, n_action_steps=4))  # the default
+    rollout(stop, 2)
+    assert not stop.finished
+    stop.act(OBS)  # done(): its step's action is still given, then the policy has finished
+    assert stop.finished and stop.instruction == "done()"
+    on = VLMDP(ScriptedPlanner(lines), CountingDP(horizon=8, n_action_steps=4), stop_on_done=False)  # the DP holds on
+    rollout(on, 5)
+    assert not on.finished and on.instruction == lines[4]
+    with pytest.raises(PolicySpecError, match="stop_on_done"):  # a vlm_dp option only
+        PolicySpec("vlm_oracle", vlm=".", options={"stop_on_done": True}).validate()
+
+
 def test_without_regeneration_chunks_run_blindly_for_n_action_steps():
     dp = CountingDP(horizon=8, n_action_steps=3)
     policy = VLMDP(ScriptedPlanner(script({0, 5, 6, 11}, 14)), dp, regenerate_on_keystep=False)
