@@ -48,6 +48,11 @@ def configure_chunking(dp, horizon: int | None, n_action_steps: int | None) -> i
     return n
 
 
+def is_done(line: str) -> bool:
+    """The plan's end: the line ``done()``."""
+    return line.strip() == "done()"
+
+
 HOLD_THRESHOLD = 0.05  # action units (2.5 mm per step): below it on every axis, an action holds still
 
 
@@ -200,10 +205,10 @@ class VLMDP(ChunkedDP):
     def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
                  max_line_steps: int = 100, confirm_line_end: int = 0, stop_on_done: bool = True, **chunking):
         super().__init__(dp, **chunking)
-        self.stop_on_done = bool(stop_on_done)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
+        self.stop_on_done = bool(stop_on_done)
         self.max_line_steps = int(max_line_steps)
         self.confirm_line_end = int(confirm_line_end)
         if self.confirm_line_end < 0:
@@ -248,7 +253,7 @@ class VLMDP(ChunkedDP):
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
             self.running_cache_info, self.confirmations = cache_info, 0
-            self.finished = self.stop_on_done and step.line.strip() == "done()"
+            self.finished = self.stop_on_done and is_done(step.line)
         else:
             self.line_steps += 1
         self.vlm_tokens += int(step.tokens or 0)
@@ -264,7 +269,7 @@ class VLMDP(ChunkedDP):
     @staticmethod
     def _repeatable(line: str) -> bool:
         """A motion line (not a ``pose_dict`` assignment, not ``done()``): what confirm_line_end repeats."""
-        return bool(line) and not POSE_DICT_ASSIGNMENT.match(line) and line.strip() != "done()"
+        return bool(line) and not POSE_DICT_ASSIGNMENT.match(line) and not is_done(line)
 
     def pose_dict(self) -> dict:
         return self.interpreter.api.pose_dict if self.interpreter is not None else {}
