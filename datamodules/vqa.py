@@ -26,6 +26,21 @@ line, so this adds weight to the lines that carry the plan's arguments (a Push's
 written once per episode, in its first line) without teaching the unrequested mode to emit
 key-steps eagerly.
 
+Optional, not in the paper (``first_keystep_repeat``, default 1): the request sample of an
+episode's first key-step appears that many times (at least ``keystep_request_repeat``). That line
+copies the task prompt's arguments (objects, direction), and the tiny cpu model got it wrong on
+training episodes (PlaceNextTo 6 and Push 9 of 30, measured) while writing the later lines right.
+
+Optional, not in the paper (``unfinished_request_fraction``, default 0): extra key-step-request
+samples at intermediate frames of a running call, at least ``unfinished_margin`` steps before its
+end, answered with the commented running line (``# `` + line: "that call is not finished yet").
+Otherwise requests are only ever asked at key-step frames, so the VLM learns that a request always
+advances the plan. At inference VLM+DP asks with the request when the DP's line ends
+(``policies.vlm_dp``); a DP that stopped short (a ``move3d`` ended 8 steps in, the object still
+far from its target) then got the next line, and the episode failed with the oracle's plan
+written line for line (measured, README). With these samples the VLM can answer from the image
+that the call is unfinished, and the DP gets its line again, as DP+Oracle's tracker re-issues it.
+
 Frames are subsampled: every key-step frame, plus a seeded ``intermediate_fraction`` of the other
 frames, which carry the importance weight 1 / intermediate_fraction in the loss, so that the
 model still learns the true share of key-step frames (about 1 in 8) and does not emit key-steps
@@ -102,6 +117,8 @@ class Item:
     qa: int = -1           # bbox: which of the frame's grounding questions
     weight: float = 1.0    # loss weight: 1 / intermediate_fraction on subsampled frames
     missed: bool = False   # code: the memory lacks the running call's key-step (see missed_keystep_fraction)
+    unfinished: bool = False  # code: request at a frame of a running call, answered "# <line>" (see
+                              # unfinished_request_fraction)
 
 
 def split_episodes(files, val_fraction: float) -> tuple[set, set]:
@@ -139,11 +156,16 @@ class VQADataset(Dataset):
     def __init__(self, files, select=None, code_fraction: float = 0.5, intermediate_fraction: float = 0.5,
                  keystep_request: bool = True, grid: int = 10, negatives: int = 1, seed: int = 0,
                  label_set: str = "oracle", max_items: int = 0, missed_keystep_fraction: float = 0.0,
-                 keystep_request_repeat: int = 1):
+                 keystep_request_repeat: int = 1, unfinished_request_fraction: float = 0.0,
+                 unfinished_margin: int = 4, first_keystep_repeat: int = 1):
         if not 0 < code_fraction <= 1:
             raise ConfigError(f"code_fraction must be in (0, 1], got {code_fraction}")
-        if keystep_request_repeat < 1:
-            raise ConfigError(f"keystep_request_repeat must be >= 1, got {keystep_request_repeat}")
+        if keystep_request_repeat < 1 or first_keystep_repeat < 1:
+            raise ConfigError(f"keystep_request_repeat and first_keystep_repeat must be >= 1, got "
+                              f"{keystep_request_repeat} and {first_keystep_repeat}")
+        if not 0 <= unfinished_request_fraction <= 1 or unfinished_margin < 0:
+            raise ConfigError(f"unfinished_request_fraction must be in [0, 1] (got {unfinished_request_fraction}) "
+                              f"and unfinished_margin >= 0 (got {unfinished_margin})")
         self.steps = OracleStepDataset(files, label_set=label_set, select=select, load_images=False)
         self.grid, self.negatives = int(grid), int(negatives)
         self.seed = int(seed)
@@ -157,10 +179,16 @@ class VQADataset(Dataset):
             w = 1.0 / intermediate_fraction if intermediate_fraction > 0 else 1.0
             code += [Item(CODE, e, t, weight=1.0 if is_key_step(ep.labels[t]) else w) for t in keep]
             if keystep_request:
-                code += [Item(CODE, e, t, request=True) for t in ep.key_t for _ in range(keystep_request_repeat)]
+                first = max(keystep_request_repeat, first_keystep_repeat)
+                code += [Item(CODE, e, t, request=True) for i, t in enumerate(ep.key_t)
+                         for _ in range(first if i == 0 else keystep_request_repeat)]
             if missed_keystep_fraction > 0:
                 code += [Item(CODE, e, t, missed=True) for t in keep
                          if not is_key_step(ep.labels[t]) and rng.random() < missed_keystep_fraction]
+            if keystep_request and unfinished_request_fraction > 0:
+                code += [Item(CODE, e, t, request=True, unfinished=True) for t in range(ep.length)
+                         if self.unfinished_frame(ep, t, unfinished_margin)
+                         and rng.random() < unfinished_request_fraction]
         n_bbox = int(round(len(code) * (1 - code_fraction) / code_fraction)) if frames else 0
         rng = np.random.default_rng([self.seed, 1])
         picks = rng.integers(len(frames), size=n_bbox) if n_bbox else []
@@ -170,6 +198,13 @@ class VQADataset(Dataset):
         if max_items and len(self.items) > max_items:  # keep the mix: subsample evenly
             idx = np.random.default_rng([self.seed, 2]).permutation(len(self.items))[:max_items]
             self.items = [self.items[i] for i in sorted(idx)]
+
+    @staticmethod
+    def unfinished_frame(ep, t: int, margin: int) -> bool:
+        """Step ``t`` runs a call (its label is commented, a key-step came before it) that goes on
+        for more than ``margin`` further steps: its image shows that call unfinished."""
+        return (not is_key_step(ep.labels[t]) and bool(ep.key_t) and ep.key_t[0] < t
+                and OracleStepDataset.line_end(ep, t) - t > margin)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -215,7 +250,8 @@ class VQADataset(Dataset):
         label, memory = ep.labels[it.t], self.steps.memory(ep, it.t)
         if it.missed:  # the running call's key-step never made it into the memory: emit it now
             memory, label = memory[:-1], memory[-1]
-        return code_question(ep.prompt, memory, it.request), uncomment(label) if it.request else label
+        answer = uncomment(label) if it.request and not it.unfinished else label
+        return code_question(ep.prompt, memory, it.request), answer
 
     def corpus(self) -> list[str]:
         """Every distinct question and answer text (for tokenizer training; reads bbox labels)."""
@@ -316,10 +352,13 @@ class VQADataModule(L.LightningDataModule):
                   keystep_request=bool(data_cfg.keystep_request), grid=int(data_cfg.grid),
                   missed_keystep_fraction=float(data_cfg.missed_keystep_fraction),
                   keystep_request_repeat=int(data_cfg.get("keystep_request_repeat", 1)),
+                  unfinished_request_fraction=float(data_cfg.get("unfinished_request_fraction", 0.0)),
+                  unfinished_margin=int(data_cfg.get("unfinished_margin", 4)),
+                  first_keystep_repeat=int(data_cfg.get("first_keystep_repeat", 1)),
                   negatives=int(data_cfg.negatives), seed=int(data_cfg.seed))
         self.train_set = VQADataset(self.files, select=lambda task, seed: (task, seed) in train, **kw)
         kw.update(intermediate_fraction=float(data_cfg.val_intermediate_fraction), missed_keystep_fraction=0.0,
-                  keystep_request_repeat=1)
+                  keystep_request_repeat=1, unfinished_request_fraction=0.0, first_keystep_repeat=1)
         self.val_set = VQADataset(self.files, select=lambda task, seed: (task, seed) in val,
                                   max_items=int(data_cfg.val_max_items), **kw) if val else None
         if len(self.train_set) == 0:

@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 
 from configs.errors import ConfigError
-from datamodules.labels import POSE_DICT_ASSIGNMENT, commented
+from datamodules.labels import POSE_DICT_ASSIGNMENT, commented, is_key_step, uncomment
 from envs.skills import CodeError, Interpreter, SkillAPI
 
 from .base import Planner, Policy, PolicyFailure, scene_objects
@@ -192,6 +192,14 @@ class VLMDP(ChunkedDP):
     image, answered ``done()``; DP+Oracle's ``reissue_after`` showed that such a DP pushes on
     when given its line again. ``pose_dict`` assignments and ``done()`` are never repeated.
 
+    Unfinished lines: when the VLM answers a key-step request with the running line commented out
+    (``# `` + line, "that call is not finished"; a VLM trained with ``unfinished_request_fraction``
+    learns to, one trained without it never does), the running line is given to the DP again as a
+    key-step, with the cache info of its first key-step, and the memory does not grow (counted as
+    ``reissued_lines``). It is ``confirm_line_end`` decided by the VLM from the image instead of
+    done blindly, and what DP+Oracle's tracker does with ``reissue_after``. Not in the paper, whose
+    DP is queried at every step and never asked to end a line.
+
     ``stop_on_done`` (default True; the paper does not say): the episode ends when the VLM writes
     ``done()`` (the action of that step, the DP's chunk for ``done()``, is still executed), as
     ``done()`` ends VLM+Oracle's program. With False the DP holds on ``done()`` and the VLM is asked
@@ -226,6 +234,7 @@ class VLMDP(ChunkedDP):
         self.running_cache_info = ""  # the cache info the running line's key-step had
         self.confirmations = 0  # times the running line was given again (confirm_line_end)
         self.confirmed_lines = 0
+        self.reissued_lines = 0  # times the VLM answered a request with "# <running line>" (unfinished)
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
@@ -259,12 +268,21 @@ class VLMDP(ChunkedDP):
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
+        if request and self._unfinished(step.line):  # the VLM: the running line is not finished
+            self.line_done = False  # (line_steps counted above)
+            self.reissued_lines += 1
+            return self.running, True, self.running_cache_info  # the same line again, as a key-step
         if self.interpreter is not None and step.new_key_step and POSE_DICT_ASSIGNMENT.match(step.line):
             try:
                 self.interpreter.execute(step.line)  # stores the pose; its one-step hold is not run
             except CodeError:  # like any bad VLM line in VLM+DP: counted, not fatal (no pose stored)
                 self.pose_errors += 1
         return step.line, bool(step.new_key_step), cache_info
+
+    def _unfinished(self, line: str) -> bool:
+        """``line`` is the running motion line commented out: the VLM's "not finished yet"."""
+        return (not is_key_step(line) and bool(self.running) and uncomment(line) == self.running
+                and self._repeatable(self.running))
 
     @staticmethod
     def _repeatable(line: str) -> bool:
@@ -277,4 +295,5 @@ class VLMDP(ChunkedDP):
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
                 "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests),
-                "pose_errors": float(self.pose_errors), "confirmed_lines": float(self.confirmed_lines)}
+                "pose_errors": float(self.pose_errors), "confirmed_lines": float(self.confirmed_lines),
+                "reissued_lines": float(self.reissued_lines)}

@@ -205,6 +205,36 @@ def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vl
         VLMDP(planner, dp, confirm_line_end=-1)
 
 
+def test_an_unfinished_answer_gives_the_dp_its_running_line_again():
+    """A key-step request answered "# <running line>" (the VLM: not finished): the DP gets the
+    plain line again as a key-step, with its first key-step's cache info; the memory does not grow."""
+    lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])",
+             "# push(get_actor('a'), pose_dict['a'])", "# move3d(get_actor('b'))", "done()"]
+
+    class EveryChunkHolds(CountingDP):  # each chunk ends its line after the executed part
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            chunk = super().predict_action_chunk(observation, instruction, cache_info)
+            chunk[:, :3] = 0.3
+            chunk[self.n_action_steps:, :3] = 0.0
+            return chunk
+
+    planner = LoggingPlanner(lines)
+    dp = EveryChunkHolds(horizon=8, n_action_steps=4)
+    policy = VLMDP(planner, dp, query_every_step=False, stop_on_done=False)
+    rollout(policy, 20)
+    # a request at t = 0, 4 (push), 8 ("# push": unfinished -> push again), 12 ("# move3d ...":
+    # not the running line -> the DP gets it as it is), 16 (done())
+    assert planner.log == ["key"] * 5
+    assert [c[0] for c in dp.calls] == [lines[0], lines[1], lines[1], lines[3], lines[4]]
+    assert dp.calls[2][1] == dp.calls[1][1]
+    assert policy.stats()["reissued_lines"] == 1 and policy.key_steps == 4
+    assert planner.memory == [lines[0], lines[1], lines[4]]
+    plain = VLMDP(LoggingPlanner(["move3d(get_actor('a'))"] + ["# move3d(get_actor('a'))"] * 3),
+                  CountingDP(horizon=8, n_action_steps=4))  # plain steps never re-issue
+    rollout(plain, 8)
+    assert plain.stats()["reissued_lines"] == 0 and plain.key_steps == 1
+
+
 def test_stop_on_done_ends_the_policy_when_the_vlm_writes_done():
     lines = ["move3d(get_actor('a'))", "# move3d(get_actor('a'))", "done()", "# done()", "move3d(get_actor('b'))"]
     stop = VLMDP(ScriptedPlanner(lines), CountingDP(horizon=8, n_action_steps=4))  # the default
@@ -266,7 +296,7 @@ def test_non_finite_dp_actions_end_the_episode_as_a_failure():
     ("teleport(get_actor('{obj}'))", "code error", "is not a skill"),
     ("pick(get_actor('golden dragon'))", "unknown object", "in the scene"),
     ("__import__('os').system('touch {marker}')", "code error", "must call a skill"),
-    ("# move3d(get_actor('{obj}'))", "code error", "commented-out"),
+    ("# pick(get_actor('{obj}'))", "code error", "commented-out"),  # not the running line: not "unfinished"
 ])
 def test_vlm_oracle_turns_bad_code_into_a_recorded_failure(make_task_env, tmp_path, bad_line, reason, words):
     env = make_task_env("PlaceOnTop", 32)
@@ -284,6 +314,21 @@ def test_vlm_oracle_turns_bad_code_into_a_recorded_failure(make_task_env, tmp_pa
     assert result.stats["vlm_queries"] == 2
     assert not marker.exists()
     assert video.captions[-1].startswith(f"FAIL: {reason}")
+
+
+def test_vlm_oracle_runs_a_line_called_unfinished_again_a_bounded_number_of_times(make_task_env):
+    env = make_task_env("PlaceNextTo", 32)
+    trace = run_oracle(env, seed=100001)
+    first = trace.key_lines[0]
+    lines = [first, commented(first)] + trace.key_lines[1:]  # one "unfinished" answer: first runs again
+    policy = VLMOracle(ScriptedPlanner(lines))
+    result, _ = run_episode(env, policy, seed=100001, stop_on_success=False)
+    assert result.success and result.stats["reissued_lines"] == 1, result
+    assert result.stats["code_lines"] == len(trace.key_lines) + 1
+    policy = VLMOracle(ScriptedPlanner([first] + [commented(first)] * 10))  # never finished: bounded
+    result, _ = run_episode(env, policy, seed=100001, stop_on_success=False)
+    assert not result.success and result.failure == "vlm error", result
+    assert result.stats["reissued_lines"] == 3 and "unfinished" in result.detail
 
 
 def test_vlm_oracle_with_a_correct_plan_solves_the_task(make_task_env):

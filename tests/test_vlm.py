@@ -1,6 +1,7 @@
 """Code VLM: tokenizer/processor/model offline, VQA data and label masking, LoRA and 4-bit paths,
 the training entry point with export and resume, VLM relabelling, and (slow) learning."""
 
+import collections
 import hashlib
 import shutil
 import sys
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from configs.errors import CheckpointError, ConfigError
 from datamodules.dataset import OracleStepDataset, dataset_files
 from datamodules.grounding import grid_cell
-from datamodules.labels import is_key_step, memories
+from datamodules.labels import commented, is_key_step, memories
 from datamodules.vqa import BBOX, CODE, KEYSTEP_REQUEST, VQACollator, VQADataset, split_episodes
 from lightning_modules.vlm.model import build_tiny, build_vlm, export_vlm, load_vlm, tiny_processor
 from lightning_modules.vlm.module import answer_stats
@@ -201,8 +202,45 @@ def test_code_and_bbox_samples_match_the_labels(files):
     assert len(requests) == 3 * n_key and len(set(requests)) == n_key
     assert sum(it.kind == CODE and not it.request for it in repeated.items) == len(steps)
     assert all(repeated[i]["key_step"] for i, it in enumerate(repeated.items) if it.request)
+    # the first key-step's request (it copies the prompt's arguments) may get more copies
+    first = VQADataset(files, intermediate_fraction=1.0, keystep_request_repeat=3, first_keystep_repeat=8)
+    copies = collections.Counter((it.episode, it.t) for it in first.items if it.request)
+    for e, ep in enumerate(steps.episodes):
+        assert [copies[(e, t)] for t in ep.key_t] == [8] + [3] * (len(ep.key_t) - 1)
     with pytest.raises(ConfigError):
         VQADataset(files, keystep_request_repeat=0)
+    with pytest.raises(ConfigError):
+        VQADataset(files, first_keystep_repeat=0)
+
+
+def test_unfinished_requests_ask_mid_call_and_answer_the_running_line_commented(files):
+    steps = OracleStepDataset(files, load_images=False)
+    assert not any(it.unfinished for it in VQADataset(files).items)  # off by default
+    ds = VQADataset(files, intermediate_fraction=0.0, unfinished_request_fraction=1.0, unfinished_margin=4)
+    extra = [i for i, it in enumerate(ds.items) if it.unfinished]
+    expected = 0
+    for ep in steps.episodes:  # every frame of a running call more than 4 steps before its end
+        for t in range(ep.length):
+            if not is_key_step(ep.labels[t]) and ep.key_t[0] < t:
+                end = next((k for k in ep.key_t if k > t), ep.length)
+                expected += end - t > 4
+    assert len(extra) == expected > 0
+    for i in extra[::5]:
+        it, s = ds.items[i], ds[i]
+        ep = steps.episodes[it.episode]
+        memory = memories(ep.labels)[it.t]
+        end = next((k for k in ep.key_t if k > it.t), ep.length)
+        assert it.request and KEYSTEP_REQUEST in s["question"] and end - it.t > 4
+        assert s["answer"] == commented(memory[-1]) == ep.labels[it.t] and not s["key_step"]
+        assert f"Memory:\n{chr(10).join(memory)}\n<image>" in s["question"]
+    # requests at key-step frames still advance the plan; a fraction keeps about that share
+    assert all(s["key_step"] for s in (ds[i] for i, it in enumerate(ds.items) if it.request and not it.unfinished))
+    half = sum(it.unfinished for it in VQADataset(files, unfinished_request_fraction=0.5).items)
+    assert 0.3 * expected < half < 0.7 * expected
+    assert not any(it.unfinished for it in VQADataset(files, keystep_request=False,
+                                                      unfinished_request_fraction=1.0).items)
+    with pytest.raises(ConfigError):
+        VQADataset(files, unfinished_request_fraction=1.5)
 
 
 def test_split_by_episode(files):
