@@ -8,24 +8,19 @@ something outside the API or names an object that is not in the scene ends the e
 recorded failure (:class:`~policies.base.PolicyFailure` "code error" / "unknown object"),
 never a crash, never ``exec``.
 
-A key-step request answered with the running line commented out (``# `` + line: "that call is
-not finished", what a VLM trained with ``unfinished_request_fraction`` may answer; see
-``policies.vlm_dp``) runs that line again with its skill, at most ``MAX_REISSUES`` times in a row;
-after that the episode ends as a recorded failure ("vlm error"), never a loop without actions.
+The VLM is asked with ``require_key_step``: a skill that terminated has ended its line, so the
+answer "# <running line>" (not finished, which a VLM trained with ``unfinished_request_fraction``
+gives where VLM+DP's DP stopped short) is not on offer; the best line that is a key-step is taken.
 """
 
 from __future__ import annotations
 
-from datamodules.labels import is_key_step, uncomment
-
-from .base import CodePolicy, Planner, PolicyFailure, scene_objects
-
-MAX_REISSUES = 3  # an "unfinished" answer re-runs the running line at most this many times in a row
+from .base import CodePolicy, Planner, scene_objects
 
 
 class VLMOracle(CodePolicy):
     """``planner``: a :class:`~policies.base.Planner` (``reset(prompt)``, ``check_context``,
-    ``next_key_step(image) -> PlanStep``)."""
+    ``next_key_step(image, require_key_step) -> PlanStep``)."""
 
     kind = "vlm_oracle"
 
@@ -39,25 +34,15 @@ class VLMOracle(CodePolicy):
         self.vlm_queries = 0
         self.vlm_tokens = 0
         self.vlm_errors = 0
-        self.running = ""  # the last key-step line run
-        self.reissued_lines, self.reissues_in_a_row = 0, 0
 
     def next_line(self, observation: dict) -> str:
         self.planner.check_context(observation["base_rgb"], request=True)  # "context full"
-        step = self.planner.next_key_step(observation["base_rgb"])
+        step = self.planner.next_key_step(observation["base_rgb"], require_key_step=True)
         self.vlm_queries += 1
         self.vlm_tokens += int(step.tokens or 0)
         self.vlm_errors += bool(step.error)
-        if not is_key_step(step.line) and self.running and uncomment(step.line) == self.running:
-            if self.reissues_in_a_row >= MAX_REISSUES:
-                raise PolicyFailure("vlm error", f"{step.line!r}: the running line called unfinished "
-                                    f"{MAX_REISSUES + 1} times in a row")
-            self.reissued_lines += 1
-            self.reissues_in_a_row += 1
-            return self.running  # "not finished": its skill runs again
-        self.running, self.reissues_in_a_row = step.line, 0
         return step.line
 
     def stats(self) -> dict[str, float]:
         return {**super().stats(), "vlm_queries": float(self.vlm_queries), "vlm_tokens": float(self.vlm_tokens),
-                "vlm_errors": float(self.vlm_errors), "reissued_lines": float(self.reissued_lines)}
+                "vlm_errors": float(self.vlm_errors)}

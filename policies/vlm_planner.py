@@ -191,6 +191,7 @@ class VLMPlanner:
         self.max_new_tokens = int(max_new_tokens)
         self.use_prefix_cache = bool(use_prefix_cache)
         self.constrain_objects = bool(constrain_objects)
+        self._key_step_only = False  # set by next_key_step(require_key_step=True) for its query
         self.fast = bool(fast)
         self.lookup_drafts = bool(lookup_drafts)
         self.device = torch.device(device)
@@ -274,11 +275,19 @@ class VLMPlanner:
             return self.plan_many([self], [image], [False])[0]
         return self._plan(image, request=False, stop_target=self._stop_target(False))
 
-    def next_key_step(self, image: np.ndarray) -> PlanStep:
-        """VLM + Oracle mode: ask with the key-step request for the next key-step line."""
-        if self.fast:
-            return self.plan_many([self], [image], [True])[0]
-        return self._plan(image, request=True, stop_target=None)
+    def next_key_step(self, image: np.ndarray, require_key_step: bool = False) -> PlanStep:
+        """VLM + Oracle mode: ask with the key-step request for the next key-step line.
+        ``require_key_step``: the line may not be commented out (its first token is the best one
+        that does not start a comment): for callers that know the running line has ended (an
+        oracle skill terminated), where the answer "# <running line>" (not finished, which a VLM
+        trained with ``unfinished_request_fraction`` may give) cannot be acted on."""
+        self._key_step_only = bool(require_key_step)
+        try:
+            if self.fast:
+                return self.plan_many([self], [image], [True])[0]
+            return self._plan(image, request=True, stop_target=None)
+        finally:
+            self._key_step_only = False
 
     @property
     def max_positions(self) -> int | None:
@@ -546,15 +555,25 @@ class VLMPlanner:
 
     def _choose(self, logits: torch.Tensor, generated: list[int], candidates: int = 256, best: int | None = None) -> int:
         """Greedy choice; with object-constrained decoding, the best token whose text keeps every
-        ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed).
+        ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed);
+        with ``require_key_step`` (``next_key_step``), a first token that starts no comment.
         ``best``: ``logits.argmax()`` if already known (batched decoding reads them at once)."""
         token = int(logits.argmax()) if best is None else int(best)
-        if not (self.constrain_objects and self.objects):
+        no_comment = self._key_step_only and not generated
+        constrain = bool(self.constrain_objects and self.objects)
+        if not (no_comment or constrain):
             return token
-        if self._names_ok(self.tok.decode(generated + [token], skip_special_tokens=True)):
+
+        def ok(t: int) -> bool:
+            text = self.tok.decode(generated + [t], skip_special_tokens=True)
+            if no_comment and (not text.strip() or text.lstrip().startswith("#")):
+                return False
+            return not constrain or self._names_ok(text)
+
+        if ok(token):
             return token
         for t in logits.topk(min(candidates, logits.numel())).indices.tolist():
-            if self._names_ok(self.tok.decode(generated + [t], skip_special_tokens=True)):
+            if ok(t):
                 return int(t)
         return token  # nothing fits: leave it to the checker to report
 

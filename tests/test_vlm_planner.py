@@ -178,6 +178,34 @@ def test_constrained_choice_takes_the_best_valid_token(parts):
     assert free._choose(logits, generated) == bad
 
 
+def test_required_key_step_never_starts_a_comment(parts):
+    """next_key_step(require_key_step=True): the first token is the best one that starts no
+    comment (a VLM trained with unfinished requests may prefer "# <running line>"); later tokens
+    and other queries are untouched."""
+    model, processor = parts
+    tok = processor.tokenizer
+    vocab = range(len(tok))
+    hash_ = next(t for t in vocab if tok.decode([t]).lstrip().startswith("#"))
+    good = next(t for t in vocab if tok.decode([t]).startswith("move"))
+    logits = torch.zeros(len(tok))
+    logits[hash_], logits[good] = 10.0, 5.0
+    planner = VLMPlanner(model, processor)
+    planner.reset("p")
+    assert planner._choose(logits, []) == hash_  # a plain query: greedy
+    planner._key_step_only = True  # what next_key_step(require_key_step=True) sets for its query
+    assert planner._choose(logits, []) == good
+    assert planner._choose(logits, [good]) == hash_  # only the first token is constrained
+    # the real queries: fast and reference decoding agree, the flag is cleared afterwards
+    lines = []
+    for fast in (True, False):
+        p = VLMPlanner(model, processor, fast=fast)
+        p.reset("Place the red cube to the left of the blue cylinder.")
+        step = p.next_key_step(IMAGE, require_key_step=True)
+        assert not step.line.lstrip().startswith("#") and not p._key_step_only
+        lines.append(step.line)
+    assert lines[0] == lines[1]
+
+
 def test_max_new_tokens_bounds_decoding(parts):
     planner = Scripted(parts, ["move3d(get_actor('red cube'))"], max_new_tokens=3)
     planner.reset("p")

@@ -206,7 +206,7 @@ def relabel_episode(planner, ep: EpisodeRef, keystep_on_line_end: bool = True) -
     rule = LineEndRequests(line_ends if keystep_on_line_end else np.zeros_like(line_ends))
     lines, errors, early, tokens = [], 0, 0, 0
     for t, image in enumerate(frames):
-        step = planner.next_key_step(image) if rule.request(t) else planner.step(image)
+        step = planner.next_key_step(image, require_key_step=True) if rule.request(t) else planner.step(image)
         rule.observe(t, bool(step.new_key_step))
         lines.append(step.line)
         errors += step.error is not None
