@@ -10,8 +10,8 @@ episode files, next to ``labels/oracle``. The DP trains on them with its ``vlm``
 oracle starts a new key-step at that step) and the VLM has not itself named a new key-step since
 the previous line end, the VLM gets the key-step request (``next_key_step``, with
 ``require_key_step``: the recorded line did end, so "# <running line>", not finished, is not on
-offer), as VLM+DP asks it
-when the DP's chunk ends in holds (``keystep_on_hold``, the evaluator's default). In recorded data
+offer), as VLM+DP asks it when the DP's chunk ends in holds (``keystep_on_hold``, the evaluator's
+default). In recorded data
 the executing policy is the oracle, so its line ends are what the DP's would be. With False the VLM
 must see every line end in the image (the paper's every-step query). Why: so queried, our VLM
 kept naming the running line (measured: PlaceOnTop labels stuck on ``# pick(...)`` for the rest of
