@@ -171,6 +171,7 @@ class VQADataset(Dataset):
         self.seed = int(seed)
         self._pid, self._files, self._groups = None, {}, {}
         code, frames = [], []
+        first = max(keystep_request_repeat, first_keystep_repeat)  # request copies of an episode's first key-step
         for e, ep in enumerate(self.steps.episodes):
             rng = np.random.default_rng([self.seed, ep.seed, zlib.crc32(ep.task.encode())])
             keep = [t for t in range(ep.length)
@@ -179,7 +180,6 @@ class VQADataset(Dataset):
             w = 1.0 / intermediate_fraction if intermediate_fraction > 0 else 1.0
             code += [Item(CODE, e, t, weight=1.0 if is_key_step(ep.labels[t]) else w) for t in keep]
             if keystep_request:
-                first = max(keystep_request_repeat, first_keystep_repeat)
                 code += [Item(CODE, e, t, request=True) for i, t in enumerate(ep.key_t)
                          for _ in range(first if i == 0 else keystep_request_repeat)]
             if missed_keystep_fraction > 0:

@@ -249,10 +249,10 @@ class VLMDP(ChunkedDP):
             return commented(self.running), False, cache_info
         if (not self.query_every_step and line_over and self.confirmations < self.confirm_line_end
                 and self._repeatable(self.running)):
-            self.line_done, self.line_steps = False, self.line_steps + 1
+            self.line_steps += 1
             self.confirmations += 1
             self.confirmed_lines += 1
-            return self.running, True, self.running_cache_info  # the same line again, as a key-step
+            return self._running_again()
         request = bool((self.keystep_on_hold and line_over) or not self.query_every_step)
         self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
         if request:
@@ -269,15 +269,19 @@ class VLMDP(ChunkedDP):
         self.vlm_errors += bool(step.error)
         self.vlm_early_stops += bool(step.early_stopped)
         if request and self._unfinished(step.line):  # the VLM: the running line is not finished
-            self.line_done = False  # (line_steps counted above)
-            self.reissued_lines += 1
-            return self.running, True, self.running_cache_info  # the same line again, as a key-step
+            self.reissued_lines += 1  # (line_steps counted above)
+            return self._running_again()
         if self.interpreter is not None and step.new_key_step and POSE_DICT_ASSIGNMENT.match(step.line):
             try:
                 self.interpreter.execute(step.line)  # stores the pose; its one-step hold is not run
             except CodeError:  # like any bad VLM line in VLM+DP: counted, not fatal (no pose stored)
                 self.pose_errors += 1
         return step.line, bool(step.new_key_step), cache_info
+
+    def _running_again(self) -> tuple[str, bool, str]:
+        """The running line for the DP once more, as a key-step with its first key-step's cache info."""
+        self.line_done = False
+        return self.running, True, self.running_cache_info
 
     def _unfinished(self, line: str) -> bool:
         """``line`` is the running motion line commented out: the VLM's "not finished yet"."""

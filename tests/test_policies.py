@@ -117,6 +117,16 @@ class HoldingDP(CountingDP):
         return chunk
 
 
+class EveryChunkHolds(CountingDP):
+    """DP stand-in whose every chunk ends its line (holds) after the executed part."""
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        chunk = super().predict_action_chunk(observation, instruction, cache_info)
+        chunk[:, :3] = 0.3
+        chunk[self.n_action_steps:, :3] = 0.0
+        return chunk
+
+
 class LoggingPlanner(ScriptedPlanner):
     def reset(self, prompt, objects=None):
         super().reset(prompt, objects)
@@ -180,13 +190,6 @@ def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vl
     lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])", "done()"]
     planner = LoggingPlanner(lines)
 
-    class EveryChunkHolds(CountingDP):  # each chunk ends its line after the executed part
-        def predict_action_chunk(self, observation, instruction, cache_info):
-            chunk = super().predict_action_chunk(observation, instruction, cache_info)
-            chunk[:, :3] = 0.3
-            chunk[self.n_action_steps:, :3] = 0.0
-            return chunk
-
     dp = EveryChunkHolds(horizon=8, n_action_steps=4)
     policy = VLMDP(planner, dp, query_every_step=False, confirm_line_end=1)
     rollout(policy, 20)
@@ -210,13 +213,6 @@ def test_an_unfinished_answer_gives_the_dp_its_running_line_again():
     plain line again as a key-step, with its first key-step's cache info; the memory does not grow."""
     lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])",
              "# push(get_actor('a'), pose_dict['a'])", "# move3d(get_actor('b'))", "done()"]
-
-    class EveryChunkHolds(CountingDP):  # each chunk ends its line after the executed part
-        def predict_action_chunk(self, observation, instruction, cache_info):
-            chunk = super().predict_action_chunk(observation, instruction, cache_info)
-            chunk[:, :3] = 0.3
-            chunk[self.n_action_steps:, :3] = 0.0
-            return chunk
 
     planner = LoggingPlanner(lines)
     dp = EveryChunkHolds(horizon=8, n_action_steps=4)
