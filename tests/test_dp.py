@@ -201,6 +201,30 @@ def test_seeded_forward_pass_matches_the_golden_file():
     torch.testing.assert_close(eps, golden["eps"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_queries", [1, 3])
+def test_attention_pooling_computes_torch_transformer_decoder(n_queries):
+    """The folded cross-attention equals nn.TransformerDecoder on the same parameters, outputs
+    and gradients, with padded tokens (float64: exact up to rounding)."""
+    from lightning_modules.dp.model import AttentionPooling
+
+    torch.manual_seed(0)
+    pool = AttentionPooling(32, 4, 2, n_queries).double()
+    tokens = torch.randn(5, 12, 32, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(5, 12, dtype=torch.bool)
+    pad[1, 7:] = True
+    pad[3, 2:] = True
+    ours = pool(tokens, pad)
+    reference = pool.blocks(pool.queries.expand(5, -1, -1), tokens, memory_key_padding_mask=pad).flatten(1)
+    assert ours.shape == (5, n_queries * 32)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    inputs = [tokens, *pool.parameters()]
+    for a, b in zip(torch.autograd.grad(ours.sin().sum(), inputs), torch.autograd.grad(reference.sin().sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    changed = tokens.detach().clone()
+    changed[3, 5] += 1.0  # a padded token of row 3: no effect on it
+    assert torch.equal(pool(changed, pad)[3], ours[3].detach())
+
+
 # ------------------------------------------------------------------ entry point
 def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_dp.py"), *args],
