@@ -5,7 +5,8 @@ folder) and ``resume`` (null, ``auto`` or a checkpoint path) becomes a Trainer w
 logging under ``<out>/``, ``last.ckpt`` and best checkpoints under ``<out>/checkpoints/``, a
 learning-rate monitor, and the resolved config saved as ``<out>/config.yaml``. Where the progress
 bar is off or stdout is not a terminal (a log file), progress comes as plain lines instead
-(:class:`callbacks.progress.ProgressLines`).
+(:class:`callbacks.progress.ProgressLines`). With ``threads_file`` set, the intra-op threads follow
+the integer in that file (:class:`callbacks.threads.ThreadsFromFile`).
 
 A run folder that already holds checkpoints is never overwritten: without ``resume`` it is an
 error that says how to continue it or where to start afresh.
@@ -112,4 +113,8 @@ def make_trainer(cfg: DictConfig, *, monitor: str = "val/loss", callbacks=()) ->
 
         trainer_kwargs["enable_progress_bar"] = False  # a redrawn bar shows nothing in a log file
         callbacks.append(ProgressLines())
+    if cfg.get("threads_file"):
+        from callbacks.threads import ThreadsFromFile
+
+        callbacks.append(ThreadsFromFile(cfg.threads_file))
     return L.Trainer(default_root_dir=str(out), logger=logger, callbacks=callbacks, **trainer_kwargs)

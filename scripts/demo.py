@@ -7,7 +7,8 @@ Usage: demo.py [TASKS=...] [EPISODES=...] [OUT=...] [key=value ...]   (config: c
 3. code VLM       : scripts/train_vlm.py, cpu preset                          (<out>/vlm/)
 4. diffusion pol. : scripts/train_dp.py, cpu preset (state observation), code
                     conditioning, with rollout success curves in TensorBoard  (<out>/dp/)
-   3 and 4 run side by side, one core each (logs in <out>/logs/)
+   3 and 4 run side by side, one core each; the one still training takes the
+   freed core (logs in <out>/logs/)
 5. evaluation     : scripts/evaluate.py, VLM+DP and VLM+Oracle               (<out>/eval/)
 
 A stage whose result exists is skipped (runs are resumed with RESUME=auto), so an interrupted
@@ -70,24 +71,40 @@ def stage(name: str, script: str, *args: str) -> None:
     print(f"=== {name}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def parallel_stages(stages: list[tuple[str, str, list[str]]], logs: Path) -> None:
-    """Run independent stages side by side (one core each), their output in ``logs/<script>.log``;
-    raises CalledProcessError for the first that fails (after all have ended)."""
+def parallel_stages(stages: list[tuple[str, str, list[str]]], logs: Path, cores: int | None = None) -> None:
+    """Run independent stages side by side, their output in ``logs/<script>.log``; raises
+    CalledProcessError for the first that fails (after all have ended). Each stage gets
+    ``threads_file=logs/<script>.threads`` holding its share of the ``cores`` (one each on 2
+    cores), raised when another stage ends (``callbacks.threads``: the DP takes the core the VLM
+    freed)."""
     logs.mkdir(parents=True, exist_ok=True)
+    cores = max(1, int(cores or os.cpu_count() or 1))
     running = []
     t0 = time.time()
     for name, script, args in stages:
-        cmd, env = _command(script, args)
+        threads = logs / f"{Path(script).stem}.threads"
+        threads.write_text(f"{max(1, cores // len(stages))}\n")
+        cmd, env = _command(script, [*args, f"threads_file={threads}"])
         log = logs / f"{Path(script).stem}.log"
         print(f"\n=== {name} (in parallel, log {log}): {script} {' '.join(args)}", flush=True)
-        running.append((name, cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
-                                                    stderr=subprocess.STDOUT)))
+        running.append((name, cmd, threads, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"),
+                                                             stderr=subprocess.STDOUT)))
     failed = None
-    for name, cmd, proc in running:
-        rc = proc.wait()
-        print(f"=== {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} after {time.time() - t0:.0f} s", flush=True)
-        if rc != 0 and failed is None:
-            failed = subprocess.CalledProcessError(rc, cmd)
+    while running:
+        ended = [r for r in running if r[3].poll() is not None]
+        for name, cmd, _, proc in ended:
+            rc = proc.returncode
+            print(f"=== {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} after {time.time() - t0:.0f} s",
+                  flush=True)
+            if rc != 0 and failed is None:
+                failed = subprocess.CalledProcessError(rc, cmd)
+        running = [r for r in running if r not in ended]
+        if ended and running:
+            share = max(1, cores // len(running))
+            for name, _, threads, _ in running:
+                threads.write_text(f"{share}\n")
+                print(f"=== {name}: now {share} thread(s)", flush=True)
+        time.sleep(0.5 if running else 0)
     if failed is not None:
         raise failed
 
