@@ -30,15 +30,20 @@ from .base import PolicyFailure
 
 @dataclass
 class PlanRequest:
-    """A VLM query: ``planner.next_key_step(image)`` if ``keystep`` else ``planner.step(image)``
-    (``image``: ``(H, W, 3)`` uint8); the result is a ``PlanStep``."""
+    """A VLM query: ``planner.next_key_step(image, require_key_step)`` if ``keystep`` else
+    ``planner.step(image)`` (``image``: ``(H, W, 3)`` uint8); the result is a ``PlanStep``."""
 
     planner: object
     image: np.ndarray
     keystep: bool = False
+    require_key_step: bool = False  # with keystep: the answer may not be the running line commented out
 
     def run(self):
-        return self.planner.next_key_step(self.image) if self.keystep else self.planner.step(self.image)
+        if not self.keystep:
+            return self.planner.step(self.image)
+        if self.require_key_step:
+            return self.planner.next_key_step(self.image, require_key_step=True)
+        return self.planner.next_key_step(self.image)
 
     def group(self):
         """Requests of one group can be served together (the same model), else None."""
@@ -49,7 +54,7 @@ class PlanRequest:
     def run_many(requests: list["PlanRequest"]) -> list:
         planner = requests[0].planner
         return planner.plan_many([r.planner for r in requests], [r.image for r in requests],
-                                 [r.keystep for r in requests])
+                                 [r.keystep for r in requests], [r.require_key_step for r in requests])
 
 
 @dataclass

@@ -178,7 +178,11 @@ class VLMDP(ChunkedDP):
     With False (not in the paper) the DP paces the plan, as a skill paces VLM+Oracle: while its
     line runs (its chunks do not end in holds) the VLM is not queried and the instruction is the
     running line commented out; when the line ends, the VLM gets the key-step request. After
-    ``max_line_steps`` steps of one line it is asked anyway. Why: the VLM named the next line
+    ``max_line_steps`` steps of one line it is asked anyway, with ``require_key_step``: it must
+    name a new line, where it could answer "not finished" before (see Unfinished lines; counted
+    as ``forced_key_steps``). Why that: the DP, given its line again, held at once, the VLM
+    answered "not finished" again, and the line was re-issued at every step to the step cap (7 of
+    the 13 failures of session 15's VLM+DP on L0; README). Why pacing: the VLM named the next line
     from the image before the DP had finished the running one (e.g. ``place`` while the held
     object was still moving towards the target, so the DP released it in the air; measured,
     README). It also saves most VLM queries.
@@ -235,6 +239,7 @@ class VLMDP(ChunkedDP):
         self.confirmations = 0  # times the running line was given again (confirm_line_end)
         self.confirmed_lines = 0
         self.reissued_lines = 0  # times the VLM answered a request with "# <running line>" (unfinished)
+        self.forced_key_steps = 0  # requests after max_line_steps steps of one line (require_key_step)
         # state DP: the VLM's pose_dict assignments are evaluated on the scene (queries only)
         self.interpreter = Interpreter(SkillAPI(self.env)) if self.uses_state and self.env is not None else None
 
@@ -255,10 +260,14 @@ class VLMDP(ChunkedDP):
             return self._running_again()
         request = bool((self.keystep_on_hold and line_over) or not self.query_every_step)
         self.planner.check_context(observation["base_rgb"], request)  # "context full": see VLMPlanner
+        must_advance = request and not self.query_every_step and bool(self.running) \
+            and self.line_steps >= self.max_line_steps
         if request:
             self.line_done = False
             self.keystep_requests += 1
-        step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=request)
+            self.forced_key_steps += must_advance
+        step = yield PlanRequest(self.planner, observation["base_rgb"], keystep=request,
+                                 require_key_step=must_advance)
         if step.new_key_step:
             self.running, self.line_steps = step.line, 1
             self.running_cache_info, self.confirmations = cache_info, 0
@@ -300,4 +309,4 @@ class VLMDP(ChunkedDP):
         return {**super().stats(), "vlm_errors": float(self.vlm_errors), "vlm_tokens": float(self.vlm_tokens),
                 "vlm_early_stops": float(self.vlm_early_stops), "keystep_requests": float(self.keystep_requests),
                 "pose_errors": float(self.pose_errors), "confirmed_lines": float(self.confirmed_lines),
-                "reissued_lines": float(self.reissued_lines)}
+                "reissued_lines": float(self.reissued_lines), "forced_key_steps": float(self.forced_key_steps)}

@@ -438,16 +438,28 @@ class VLMPlanner:
 
     @staticmethod
     @torch.no_grad()
-    def plan_many(planners: list["VLMPlanner"], images: list[np.ndarray], requests: list[bool]) -> list[PlanStep]:
+    def plan_many(planners: list["VLMPlanner"], images: list[np.ndarray], requests: list[bool],
+                  require_key_step: list[bool] | None = None) -> list[PlanStep]:
         """One query per planner (``request``: the key-step request of ``next_key_step``, else a
         ``step``), run as batches: one per request kind. ``planners`` share one model (``fork``);
-        ``images``: ``(H, W, 3)`` uint8 each. Returns the PlanSteps in order; memories updated."""
+        ``images``: ``(H, W, 3)`` uint8 each; ``require_key_step``: per row, as in
+        ``next_key_step`` (requests only). Returns the PlanSteps in order; memories updated."""
         out: list[PlanStep | None] = [None] * len(planners)
-        for kind in sorted(set(bool(r) for r in requests)):
-            rows = [i for i, r in enumerate(requests) if bool(r) == kind]
-            steps = VLMPlanner._plan_batch([planners[i] for i in rows], [np.asarray(images[i]) for i in rows], kind)
-            for i, step in zip(rows, steps):
-                out[i] = step
+        required = list(require_key_step) if require_key_step is not None else [False] * len(planners)
+        try:
+            for p, r, req in zip(planners, requests, required):
+                if req:
+                    p._key_step_only = bool(r)
+            for kind in sorted(set(bool(r) for r in requests)):
+                rows = [i for i, r in enumerate(requests) if bool(r) == kind]
+                steps = VLMPlanner._plan_batch([planners[i] for i in rows], [np.asarray(images[i]) for i in rows],
+                                               kind)
+                for i, step in zip(rows, steps):
+                    out[i] = step
+        finally:
+            for p, req in zip(planners, required):
+                if req:
+                    p._key_step_only = False
         return out
 
     @staticmethod

@@ -231,6 +231,39 @@ def test_an_unfinished_answer_gives_the_dp_its_running_line_again():
     assert plain.stats()["reissued_lines"] == 0 and plain.key_steps == 1
 
 
+class StubbornPlanner(ScriptedPlanner):
+    """Answers every key-step request after the first with "# <that line>" (not finished) unless
+    the request requires a key-step; then it writes ``done()``. Logs each request's requirement."""
+
+    def reset(self, prompt, objects=None):
+        super().reset(prompt, objects)
+        self.required = []
+
+    def next_key_step(self, image, require_key_step=False):
+        self.required.append(require_key_step)
+        line = "done()" if require_key_step else self.lines[0] if not self.memory else commented(self.lines[0])
+        key = not line.startswith("#")
+        if key:
+            self.memory.append(line)
+        return PlanStep(line=line, key_step=key, new_key_step=key, error=None, tokens=3, early_stopped=False)
+
+
+def test_after_max_line_steps_the_vlm_must_name_a_new_line():
+    """A DP that holds at once on its re-issued line and a VLM that keeps answering "not finished"
+    would loop to the step cap: after max_line_steps steps of one line the request requires a key-step."""
+    planner = StubbornPlanner(["move3d(get_actor('a'))"])
+    policy = VLMDP(planner, EveryChunkHolds(horizon=8, n_action_steps=4), query_every_step=False, max_line_steps=12)
+    rollout(policy, 13)
+    # requests at t = 0 (the line), 4 and 8 (not finished: re-issued), 12 (12 steps of the line: required)
+    assert planner.required == [False, False, False, True]
+    assert policy.stats()["reissued_lines"] == 2 and policy.stats()["forced_key_steps"] == 1
+    assert policy.finished and policy.instruction == "done()"
+    longer = VLMDP(StubbornPlanner(["move3d(get_actor('a'))"]), EveryChunkHolds(horizon=8, n_action_steps=4),
+                   query_every_step=False, max_line_steps=100)
+    rollout(longer, 40)
+    assert not any(longer.planner.required) and longer.stats()["reissued_lines"] == 9 and not longer.finished
+
+
 def test_stop_on_done_ends_the_policy_when_the_vlm_writes_done():
     lines = ["move3d(get_actor('a'))", "# move3d(get_actor('a'))", "done()", "# done()", "move3d(get_actor('b'))"]
     stop = VLMDP(ScriptedPlanner(lines), CountingDP(horizon=8, n_action_steps=4))  # the default

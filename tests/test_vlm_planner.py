@@ -204,6 +204,15 @@ def test_required_key_step_never_starts_a_comment(parts):
         assert not step.line.lstrip().startswith("#") and not p._key_step_only
         lines.append(step.line)
     assert lines[0] == lines[1]
+    # batched (a make-eval worker with several environments): per row, as next_key_step does
+    from policies.batching import PlanRequest
+
+    rows = [VLMPlanner(model, processor) for _ in range(2)]
+    for p in rows:
+        p.reset("Place the red cube to the left of the blue cylinder.")
+    both = PlanRequest.run_many([PlanRequest(rows[0], IMAGE, keystep=True, require_key_step=True),
+                                 PlanRequest(rows[1], IMAGE, keystep=True)])
+    assert both[0].line == lines[0] and not any(p._key_step_only for p in rows)
 
 
 def test_max_new_tokens_bounds_decoding(parts):
