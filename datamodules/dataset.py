@@ -129,8 +129,7 @@ class OracleStepDataset(Dataset):
 
     def _group(self, ep: _Episode):
         """The episode's HDF5 group, opened once per process (external links stay open)."""
-        if self._pid != os.getpid():  # new worker process: never share HDF5 handles
-            self._handles, self._groups, self._lowdim, self._pid = {}, {}, {}, os.getpid()
+        self._this_process()
         key = (ep.file, ep.name)
         if key not in self._groups:
             if ep.file not in self._handles:
@@ -138,11 +137,17 @@ class OracleStepDataset(Dataset):
             self._groups[key] = self._handles[ep.file]["episodes"][ep.name]
         return self._groups[key]
 
+    def _this_process(self) -> None:
+        """In a new (worker) process, start with no HDF5 handles and no cached arrays: never shared."""
+        if self._pid != os.getpid():
+            self._handles, self._groups, self._lowdim, self._pid = {}, {}, {}, os.getpid()
+
     def _arrays(self, ep: _Episode) -> dict[str, np.ndarray]:
         """The episode's low-dim arrays (``LOWDIM_KEYS``, with ``obs/object_pose`` for the state),
         read whole once per process."""
+        self._this_process()
         key = (ep.file, ep.name)
-        arrays = self._lowdim.get(key) if self._pid == os.getpid() else None
+        arrays = self._lowdim.get(key)
         if arrays is None:
             g = self._group(ep)
             keys = LOWDIM_KEYS + (("obs/object_pose",) if self.load_state else ())

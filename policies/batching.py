@@ -41,9 +41,7 @@ class PlanRequest:
     def run(self):
         if not self.keystep:
             return self.planner.step(self.image)
-        if self.require_key_step:
-            return self.planner.next_key_step(self.image, require_key_step=True)
-        return self.planner.next_key_step(self.image)
+        return self.planner.next_key_step(self.image, require_key_step=self.require_key_step)
 
     def group(self):
         """Requests of one group can be served together (the same model), else None."""
