@@ -390,3 +390,88 @@ def test_spatial_softmax_refuses_images_too_small_for_it():
         DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax"})
     # the 32 px crop without the stem's max-pool leaves 2x2: enough
     DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax", "resnet_maxpool": False})
+
+
+# ------------------------------------------------------------------ object localisation loss
+def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_path):
+    """The image DP's auxiliary loss (model.aux_object_weight): its targets are the named objects'
+    positions relative to the TCP, rows that name no object add nothing, training lowers it, and
+    what the head learned comes from the images (another scene's images make it worse)."""
+    from lightning_modules.dp.state import POS_SCALE
+
+    torch.manual_seed(0)
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, val_fraction=0.25,
+                                   load_state=True)
+    module = DiffusionPolicyModule(model={**TINY, "conditioning": "code", "aux_object_weight": 1.0,
+                                          "loss_weighting": "uniform", "image_pool": "spatial_softmax",
+                                          "resnet_maxpool": False},
+                                   optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+    module.set_stats(dm.stats())
+    dm.setup()
+    model = module.model
+    n = len(dm.train_set)  # 32 samples spread over the training episodes (scenes)
+    batch = torch.utils.data.default_collate([dm.train_set[i * n // 32] for i in range(32)])
+    assert batch["base_rgb"].shape[0] == 32 and batch["object_pose"].shape == (32, 4, 7)
+
+    def aux(b):
+        with torch.no_grad():
+            _, pooled, texts = model.eval()._condition(b)
+            return float(model.object_localisation_loss(b, pooled, texts[0]))
+
+    # the targets: a head that outputs them exactly has zero loss (checked through a bias)
+    first = [i for i in range(32) if "get_actor('" in batch["instruction"][i]][0]
+    names = batch["object_names"][first].split("\n")
+    named = next(n for n in names if f"'{n}'" in batch["instruction"][first])
+    tcp = batch["proprio"][first, 14:17]
+    expected = (batch["object_pose"][first, names.index(named), :3] - tcp) * POS_SCALE
+    one = {k: (v[first:first + 1] if torch.is_tensor(v) else v[first:first + 1]) for k, v in batch.items()}
+    with torch.no_grad():
+        _, pooled, texts = model._condition(one)
+        second = model.object_localisation_loss(one, pooled, texts[0])  # the line may name two objects
+        head = model.aux_head[-1]
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[:3] = expected
+        roles = sum(f"'{n}'" in one["instruction"][0] for n in names)
+        if roles == 1:
+            assert float(model.object_localisation_loss(one, pooled, texts[0])) < 1e-10
+    nothing = dict(one, instruction=["done()"])
+    with torch.no_grad():
+        assert float(model.object_localisation_loss(nothing, pooled, ["done()"])) == 0.0
+    torch.manual_seed(0)
+    for p in model.aux_head.parameters():  # a fresh head again
+        torch.nn.init.normal_(p, std=0.05)
+    del second
+
+    loss0 = aux(batch)
+    model.train()
+    trainer(tmp_path, 300).fit(module, datamodule=dm)
+    module.swap_in_ema()
+    loss1 = aux(batch)
+    other = dict(batch, **{c: batch[c].roll(16, 0) for c in ("base_rgb", "wrist_rgb")})  # other scenes
+    print(f"object localisation loss {loss0:.3f} -> {loss1:.3f}; other scenes' images {aux(other):.3f}")
+    assert loss1 < 0.3 * loss0
+    assert aux(other) > 2 * loss1
+    assert "object_localisation" in model.last_losses
+
+
+def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data):
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ConfigError, match="image DP"):
+        DiffusionPolicyModel(**{**TINY, "observation": "state", "aux_object_weight": 1.0})
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        DiffusionPolicyModel(**{**TINY, "aux_object_weight": -1.0})
+    module, dm = make(data, aux_object_weight=1.0)  # the datamodule without load_state
+    with pytest.raises(KeyError, match="load_state"):
+        module.model.loss(first_batch(dm, 4))
+    # make train-dp turns load_state on for it
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from configs import cli_config
+    from train_dp import build
+
+    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb", "model.aux_object_weight=1"],
+                     {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
+    module, dm = build(cfg)
+    assert dm.load_state and module.model.aux_head is not None

@@ -9,7 +9,9 @@
   exported policy use the EMA weights; the EMA state is saved in and restored from checkpoints.
 - Logs ``train/loss``, ``val/loss`` (fixed noise, comparable across epochs) and ``val/action_mse``
   (DDIM-10 samples vs recorded chunks, in normalised [-1, 1] action units, on the first
-  ``val_sample_batches`` validation batches).
+  ``val_sample_batches`` validation batches); with ``model.aux_object_weight`` also
+  ``train/object_localisation_loss`` and ``val/object_localisation_loss`` (its part of the loss,
+  unweighted).
 """
 
 from __future__ import annotations
@@ -56,8 +58,16 @@ class DiffusionPolicyModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["actions"]))
+        n = len(batch["actions"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self._log_aux("train", n)
         return loss
+
+    def _log_aux(self, stage: str, n: int) -> None:
+        """``<stage>/object_localisation_loss`` when the model has that loss (``aux_object_weight``)."""
+        aux = self.model.last_losses.get("object_localisation")
+        if aux is not None:
+            self.log(f"{stage}/object_localisation_loss", aux, batch_size=n, sync_dist=stage == "val")
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -95,6 +105,7 @@ class DiffusionPolicyModule(L.LightningModule):
         n = len(batch["actions"])
         gen = torch.Generator().manual_seed(batch_idx)
         self.log("val/loss", self.model.loss(batch, generator=gen), batch_size=n, sync_dist=True)
+        self._log_aux("val", n)
         if batch_idx < self.hparams.val_sample_batches:
             pred = self.model.sample(batch, generator=gen)
             norm = self.model.normalizer.normalize_actions
