@@ -415,33 +415,30 @@ def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_p
 
     def aux(b):
         with torch.no_grad():
-            _, pooled, texts = model.eval()._condition(b)
-            return float(model.object_localisation_loss(b, pooled, texts[0]))
+            _, features, texts = model.eval()._condition(b)
+            return float(model.object_localisation_loss(b, features, texts[0]))
 
-    # the targets: a head that outputs them exactly has zero loss (checked through a bias)
-    first = [i for i in range(32) if "get_actor('" in batch["instruction"][i]][0]
-    names = batch["object_names"][first].split("\n")
-    named = next(n for n in names if f"'{n}'" in batch["instruction"][first])
-    tcp = batch["proprio"][first, 14:17]
-    expected = (batch["object_pose"][first, names.index(named), :3] - tcp) * POS_SCALE
-    one = {k: (v[first:first + 1] if torch.is_tensor(v) else v[first:first + 1]) for k, v in batch.items()}
+    # the target: a head whose output is the named object's position relative to the TCP (set
+    # through its last bias) has zero loss on a row whose line names one object
+    def names_of(i):
+        return [n for n in batch["object_names"][i].split("\n") if f"'{n}'" in batch["instruction"][i]]
+
+    row = next(i for i in range(32) if len(names_of(i)) == 1)
+    one = {k: v[row:row + 1] for k, v in batch.items()}
+    names = one["object_names"][0].split("\n")
+    expected = (one["object_pose"][0, names.index(names_of(row)[0]), :3] - one["proprio"][0, 14:17]) * POS_SCALE
+    head = model.aux_head[-1]
+    saved = [t.clone() for t in (head.weight.data, head.bias.data)]
     with torch.no_grad():
-        _, pooled, texts = model._condition(one)
-        second = model.object_localisation_loss(one, pooled, texts[0])  # the line may name two objects
-        head = model.aux_head[-1]
         head.weight.zero_()
         head.bias.zero_()
         head.bias[:3] = expected
-        roles = sum(f"'{n}'" in one["instruction"][0] for n in names)
-        if roles == 1:
-            assert float(model.object_localisation_loss(one, pooled, texts[0])) < 1e-10
-    nothing = dict(one, instruction=["done()"])
-    with torch.no_grad():
-        assert float(model.object_localisation_loss(nothing, pooled, ["done()"])) == 0.0
-    torch.manual_seed(0)
-    for p in model.aux_head.parameters():  # a fresh head again
-        torch.nn.init.normal_(p, std=0.05)
-    del second
+        assert aux(one) < 1e-10
+        head.bias[0] += 0.1  # 1 cm off in x: (0.1 ** 2) / 3 in decimetres
+        assert aux(one) == pytest.approx(0.01 / 3, rel=1e-4)
+        assert aux(dict(one, instruction=["done()"])) == 0.0  # a line that names no object adds nothing
+        head.weight.copy_(saved[0])
+        head.bias.copy_(saved[1])
 
     loss0 = aux(batch)
     model.train()
