@@ -64,13 +64,22 @@ def test_training_takes_the_threads_the_file_gives(tmp_path):
 def test_demo_gives_the_freed_core_to_the_stage_still_running(tmp_path):
     from demo import parallel_stages
 
+    started = tmp_path / "long.started"
     short = tmp_path / "short.py"
-    short.write_text("import sys\nassert open(sys.argv[1].split('=', 1)[1]).read().strip() == '1'\n")
+    # the short stage ends only after the long one has read its first value (a loaded machine may start it late)
+    short.write_text(textwrap.dedent(f"""
+        import pathlib, sys, time
+        assert open(sys.argv[1].split("=", 1)[1]).read().strip() == "1"
+        deadline = time.time() + 30
+        while not pathlib.Path({str(started)!r}).exists() and time.time() < deadline:
+            time.sleep(0.05)
+    """))
     long = tmp_path / "long.py"
-    long.write_text(textwrap.dedent("""
-        import sys, time
+    long.write_text(textwrap.dedent(f"""
+        import pathlib, sys, time
         path = sys.argv[1].split("=", 1)[1]
         seen = [open(path).read().strip()]
+        pathlib.Path({str(started)!r}).touch()
         deadline = time.time() + 30
         while seen[-1] != "2" and time.time() < deadline:
             time.sleep(0.1)
@@ -83,8 +92,15 @@ def test_demo_gives_the_freed_core_to_the_stage_still_running(tmp_path):
     assert (logs / "long.log").read_text().strip() == "threads 1 2"
     assert (logs / "long.threads").read_text().strip() == "2"
 
+    started.unlink()
     failing = tmp_path / "failing.py"
-    failing.write_text("import sys\nsys.exit(3)\n")
+    failing.write_text(textwrap.dedent(f"""
+        import pathlib, sys, time
+        deadline = time.time() + 30
+        while not pathlib.Path({str(started)!r}).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        sys.exit(3)
+    """))
     with pytest.raises(subprocess.CalledProcessError) as info:
         parallel_stages([("failing", str(failing), []), ("long", str(long), [])], logs, cores=2)
     assert info.value.returncode == 3

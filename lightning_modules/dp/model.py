@@ -23,9 +23,9 @@ the positions that the instruction's ``pose_dict`` reads refer to; FiLM then see
 suction, the objects named first and second, and the two targets.
 
 Object localisation loss (``aux_object_weight`` > 0, image DP only; not in the paper): a small
-head on the pooled vector and the camera tokens predicts where the objects named first and second in the instruction
-are, relative to the TCP (decimetres), and its MSE is added to the diffusion loss with that
-weight. Its targets are the recorded object poses (``obs/object_pose``), read in training only:
+head on the pooled vector and the camera tokens predicts where the objects named first and
+second in the instruction are, relative to the TCP (decimetres), and its MSE is added to the
+diffusion loss with that weight. Its targets are the recorded object poses (``obs/object_pose``), read in training only:
 the policy still acts from the images alone. Why: the image DP did not learn to find objects
 within CPU hours (issue 11: 12.5 % DP+Oracle on L0 after 2.1 h) where a state DP, given the
 positions, learns in minutes; this loss asks the image encoder for those positions directly
@@ -48,7 +48,7 @@ from configs.errors import ConfigError
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
-from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, mention_roles
+from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, roles_of
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
@@ -168,7 +168,7 @@ class DiffusionPolicyModel(nn.Module):
             # (a direct path into the image encoders, which the pooling may learn to bypass)
             self.aux_head = nn.Sequential(nn.Linear((n_queries + len(cameras)) * d_model, d_model), nn.Mish(),
                                           nn.Linear(d_model, MAX_ROLES * 3))
-        self.last_losses: dict[str, float] = {}  # the parts of the last ``loss`` (for logging)
+        self.last_losses: dict[str, torch.Tensor] = {}  # the auxiliary parts of the last ``loss`` (logging)
         self.ddpm, self.ddim = build_schedulers()
         self.register_buffer("loss_weights", loss_weights(self.ddpm, loss_weighting), persistent=False)
 
@@ -224,14 +224,13 @@ class DiffusionPolicyModel(nn.Module):
             raise KeyError("aux_object_weight needs the object poses in the batch (the datamodule's load_state)")
         pose, mask = batch["object_pose"].float(), batch["object_mask"].bool()
         tcp = batch["proprio"].float()[:, self.tcp_position]
-        B = pose.shape[0]
-        target = torch.zeros(B, MAX_ROLES, 3, device=pose.device)
-        named = torch.zeros(B, MAX_ROLES, dtype=torch.bool, device=pose.device)
-        for b, (text, names) in enumerate(zip(instructions, batch["object_names"])):
-            for i, role in enumerate(mention_roles(text, names.split("\n") if names else [])):
-                if role and mask[b, i]:
-                    target[b, role - 1] = (pose[b, i, :3] - tcp[b]) * POS_SCALE
-                    named[b, role - 1] = True
+        B, M = mask.shape
+        names = [s.split("\n") if s else [] for s in batch["object_names"]]
+        roles = roles_of(instructions, names, M, pose.device)
+        # (B, MAX_ROLES, M): which object holds each role
+        which = torch.stack([(roles == r) & mask for r in range(1, MAX_ROLES + 1)], 1).float()
+        named = which.sum(-1) > 0
+        target = which @ ((pose[..., :3] - tcp[:, None]) * POS_SCALE)
         err = ((self.aux_head(features).view(B, MAX_ROLES, 3) - target) ** 2).mean(-1)
         return (err * named).sum() / named.sum().clamp_min(1)
 
@@ -249,10 +248,9 @@ class DiffusionPolicyModel(nn.Module):
         noisy = self.ddpm.add_noise(x0, noise, t)
         per_sample = F.mse_loss(self.unet(noisy, t, cond), noise, reduction="none").mean((1, 2))
         loss = (self.loss_weights[t] * per_sample).mean()
-        self.last_losses = {"diffusion": float(loss.detach())}
         if self.aux_head is not None:
             aux = self.object_localisation_loss(batch, features, texts[0])
-            self.last_losses["object_localisation"] = float(aux.detach())
+            self.last_losses["object_localisation"] = aux.detach()  # a tensor: no device sync here
             loss = loss + self.aux_object_weight * aux
         return loss
 

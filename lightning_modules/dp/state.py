@@ -59,6 +59,14 @@ def mention_roles(text: str, names: list[str]) -> list[int]:
     return roles
 
 
+def roles_of(texts: list[str], names: list[list[str]], n_slots: int, device=None) -> torch.Tensor:
+    """``mention_roles`` of each row's object ``names`` in its text, padded: (B, n_slots) long."""
+    roles = torch.zeros(len(names), n_slots, dtype=torch.long)
+    for b, (text, ns) in enumerate(zip(texts, names)):
+        roles[b, : len(ns)] = torch.tensor(mention_roles(text, ns), dtype=torch.long)
+    return roles.to(device)
+
+
 def pose_reads(text: str) -> list[str]:
     """The distinct ``pose_dict['key']`` keys of ``text``, in order, at most ``MAX_TARGETS``."""
     keys: list[str] = []
@@ -119,10 +127,8 @@ class StateTokens(nn.Module):
         name_vec = self._name_vectors(names, M, text_encoder, device)
         rel = pose[..., :3] - tcp[:, None]
         feats = torch.cat([pose[..., :3] * POS_SCALE, pose[..., 3:], size * POS_SCALE, rel * POS_SCALE], -1)
-        roles = torch.zeros(B, M, dtype=torch.long, device=device)
-        if texts is not None:
-            for b, (text, ns) in enumerate(zip(texts, names)):
-                roles[b, : len(ns)] = torch.tensor(mention_roles(text, ns), dtype=torch.long)
+        roles = (roles_of(texts, names, M, device) if texts is not None
+                 else torch.zeros(B, M, dtype=torch.long, device=device))
         obj = self.objects(feats) + self.name_proj(name_vec) + self.role(roles)
         obj = obj * mask[..., None]
         first = (roles == 1) & mask  # (B, M): the role-1 object, if the text names one
