@@ -151,6 +151,24 @@ def test_object_constraint_accepts_only_scene_names(parts, text, ok):
     assert planner._names_ok(text) is ok
 
 
+@pytest.mark.parametrize("text, ok", [
+    ("place(get_actor('blue cylinder'), pose_dict['", True), ("move3d(pose_dict['gre", True),
+    ("move3d(pose_dict['green cube'])", True), ("place(get_actor('green cube'), pose_dict['free'])", True),
+    ("move3d(pose_dict['blue", False),  # the first object's colour, as the tiny VLM writes on Swap
+    ("move3d(pose_dict['green cubex", False), ("move3d(pose_dict['fre'])", False),
+    ("# move3d(pose_dict['blue cube'])", False),  # commented: the same rule
+    ("pose_dict['blue cylinder'] = get_pose(get_actor('blue cylinder'))", True),  # a new key is stored
+    ("# pose_dict['x", True), ("pose_dict['a'] = pose_dict['b", False), ("move3d(pose_dict[key])", True),
+])
+def test_pose_dict_reads_spell_stored_keys(parts, text, ok):
+    planner = VLMPlanner(*parts)
+    planner.reset("p", objects=["blue cylinder", "green cube"])
+    planner.memory = ["pose_dict['green cube'] = get_pose(get_actor('green cube'))",
+                      "pose_dict['free'] = free_space(get_actor('blue cylinder'))", "move3d(pose_dict['free'])"]
+    assert planner.stored_keys() == {"green cube", "free"}
+    assert planner._keys_ok(text) is ok
+
+
 def test_constrained_choice_takes_the_best_valid_token(parts):
     """Scores favour a token that starts a name not in the scene: the constrained choice takes the
     best-scoring token that still spells a scene object; unconstrained greedy keeps the argmax."""
