@@ -575,7 +575,8 @@ class VLMPlanner:
     def _choose(self, logits: torch.Tensor, generated: list[int], candidates: int = 256, best: int | None = None) -> int:
         """Greedy choice; with object-constrained decoding, the best token whose text keeps every
         ``get_actor('...`` argument a prefix of a scene object's name (or exactly one, closed),
-        and every ``pose_dict['...`` read a prefix of a stored key (``_keys_ok``); with ``require_key_step`` (``next_key_step``), a first token that starts no comment.
+        and every ``pose_dict['...`` read a prefix of a stored key (``_keys_ok``); with
+        ``require_key_step`` (``next_key_step``), a first token that starts no comment.
         ``best``: ``logits.argmax()`` if already known (batched decoding reads them at once)."""
         token = int(logits.argmax()) if best is None else int(best)
         no_comment = self._key_step_only and not generated

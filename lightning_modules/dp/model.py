@@ -25,8 +25,8 @@ suction, the objects named first and second, and the two targets.
 Object localisation loss (``aux_object_weight`` > 0, image DP only; not in the paper): a small
 head on the pooled vector and the camera tokens predicts where the objects named first and
 second in the instruction are, relative to the TCP (decimetres), and its MSE is added to the
-diffusion loss with that weight. Its targets are the recorded object poses (``obs/object_pose``), read in training only:
-the policy still acts from the images alone. Why: the image DP did not learn to find objects
+diffusion loss with that weight. Its targets are the recorded object poses (``obs/object_pose``),
+read in training only: the policy still acts from the images alone. Why: the image DP did not learn to find objects
 within CPU hours (issue 11: 12.5 % DP+Oracle on L0 after 2.1 h) where a state DP, given the
 positions, learns in minutes; this loss asks the image encoder for those positions directly
 (privileged supervision in training, as in asymmetric actor-critic setups).
