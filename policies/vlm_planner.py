@@ -584,11 +584,17 @@ class VLMPlanner:
         if not (no_comment or constrain):
             return token
 
+        keys: list[set[str]] = []  # stored_keys(), once per token rather than per candidate
+
         def ok(t: int) -> bool:
             text = self.tok.decode(generated + [t], skip_special_tokens=True)
             if no_comment and (not text.strip() or text.lstrip().startswith("#")):
                 return False
-            return not constrain or (self._names_ok(text) and self._keys_ok(text))
+            if not constrain:
+                return True
+            if "pose_dict[" in text and not keys:
+                keys.append(self.stored_keys())
+            return self._names_ok(text) and self._keys_ok(text, keys[0] if keys else None)
 
         if ok(token):
             return token
@@ -597,25 +603,31 @@ class VLMPlanner:
                 return int(t)
         return token  # nothing fits: leave it to the checker to report
 
+    @staticmethod
+    def _string_args(pattern: re.Pattern, code: str) -> Iterator[tuple[int, str, bool]]:
+        """For each match of ``pattern`` in ``code`` followed by a string literal:
+        (match start, the literal's text so far, whether its closing quote is there)."""
+        for match in pattern.finditer(code):
+            rest = code[match.end():]
+            if not rest or rest[0] not in "'\"":
+                continue  # not a string literal (or not yet): unconstrained
+            end = rest.find(rest[0], 1)
+            yield match.start(), (rest[1:] if end < 0 else rest[1:end]), end >= 0
+
     def _names_ok(self, text: str) -> bool:
         """Every ``get_actor`` string literal in ``text`` (one line) names a scene object, each
         a different one (no skill takes the same object twice: ``place(a, a)`` is refused by the
         API), or is an unfinished prefix of such a name."""
         used: set[str] = set()
-        for match in self._GET_ACTOR.finditer(text):
-            rest = text[match.end():]
-            if not rest or rest[0] not in "'\"":
-                continue  # not a string literal (or not yet): unconstrained
-            quote, arg = rest[0], rest[1:]
-            end = arg.find(quote)
+        for _, arg, closed in self._string_args(self._GET_ACTOR, text):
             free = [name for name in self.objects if name not in used]
-            if end < 0:
+            if not closed:
                 if not any(name.startswith(arg) for name in free):
                     return False
-            elif arg[:end] not in free:
+            elif arg not in free:
                 return False
             else:
-                used.add(arg[:end])
+                used.add(arg)
         return True
 
     def stored_keys(self) -> set[str]:
@@ -628,25 +640,19 @@ class VLMPlanner:
                     keys.add(match.group(2))
         return keys
 
-    def _keys_ok(self, text: str) -> bool:
+    def _keys_ok(self, text: str, keys: set[str] | None = None) -> bool:
         """Every ``pose_dict`` string literal in ``text`` (one line, maybe ``#``-commented) that is
         not the assignment target at the line's start is a stored key, or an unfinished prefix
-        of one."""
+        of one. ``keys``: ``stored_keys()`` if already known."""
         code = text.lstrip().lstrip("#").lstrip()
-        keys = None
-        for match in self._POSE_DICT.finditer(code):
-            if match.start() == 0:
+        for start, arg, closed in self._string_args(self._POSE_DICT, code):
+            if start == 0:
                 continue  # the target of an assignment: a new key
-            rest = code[match.end():]
-            if not rest or rest[0] not in "'\"":
-                continue  # not a string literal (or not yet): unconstrained
-            quote, arg = rest[0], rest[1:]
-            end = arg.find(quote)
             keys = self.stored_keys() if keys is None else keys
-            if end < 0:
+            if not closed:
                 if not any(key.startswith(arg) for key in keys):
                     return False
-            elif arg[:end] not in keys:
+            elif arg not in keys:
                 return False
         return True
 
