@@ -121,7 +121,7 @@ def test_schedule_pairs_trainings_and_runs_data_and_evaluations_alone():
 
 
 # Issue 12's budgets: 8 h for table1, 2 h for the others. Swap is allowed 3 h: its DPs need 10000
-# steps to act (3000 gave DP+Oracle 0/32 on the large set, 10000 gave 31/32), projected 2:56;
+# steps to act (3000 gave DP+Oracle 0/32 on the large set, 10000 gave 31/32), projected 2:25;
 # the 2 h target is not met and the README says so.
 @pytest.mark.parametrize("name, limit_h", [("table1", 8), ("swap", 3), ("data_scaling", 2), ("ablate_chunking", 2),
                                            ("dataset_generation", 2)])
