@@ -19,7 +19,8 @@ stage run. Folders of other settings stay until deleted by hand.
 Scheduling. Trainings run side by side, at most ``--jobs`` at a time (one thread each: on the
 2-core machine two trainings share it at almost full speed each); data generation, relabelling
 and evaluations use all cores (``WORKERS=2``) and run alone (two evaluations side by side ran
-10-20 times slower, README).
+10-20 times slower, README). Stages that read no other stage (data generation) start first,
+whatever their place in the list: started after a training, one would wait for it alone.
 
 Projection and progress. ``--dry-run`` prints every stage with its projected time and the total.
 The projections are estimates from per-unit costs measured on the 2-core CPU machine
@@ -58,9 +59,17 @@ from experiments.stages import SCRIPTS, TRAININGS, Builder, Stage, settings, sta
 PRESETS = ("cpu", "paper")
 
 
+def start_order(stages: list[Stage]) -> list[Stage]:
+    """``stages`` with those that read no other stage (data generation) first, else in list order.
+
+    A data stage runs alone, so one left until after a training has started would wait for it
+    and idle a core; started first, data for every later training is made before any training."""
+    return sorted(stages, key=lambda s: bool(s.inputs))
+
+
 def schedule_length(stages: list[Stage], durations: dict[str, float], jobs: int, done: set[str] = frozenset()) -> float:
     """Wall time of running ``stages`` (minus ``done``) with the runner's rules, given durations."""
-    todo = [s for s in stages if s.name not in done]
+    todo = [s for s in start_order(stages) if s.name not in done]
     finished, running, now = set(done), [], 0.0
     while todo or running:
         for s in list(todo):
@@ -171,7 +180,7 @@ class Runner:
         for s in stages:
             if s.name in finished:
                 say(f"[{index[s.name]}/{n}] {s.name}: done before, cached ({self.folder(s.name)})")
-        todo = [s for s in stages if s.name not in finished]
+        todo = [s for s in start_order(stages) if s.name not in finished]
         running: dict[str, _Running] = {}
         start, ran, spent, projected = time.time(), 0, 0.0, 0.0
         try:

@@ -29,10 +29,8 @@ POLICIES = [("flat_dp", "Flat DP"), ("vlm_dp", "VLM+DP"), ("vlm_oracle", "VLM+Or
 def build(b, s) -> Experiment:
     tasks = ["Swap"]
     variants = []
-    # both datasets first: a data stage runs alone, so made between trainings it would idle a core
-    datasets = {size: b.data(f"data_{size}", tasks, s[size]) for size in ("small", "large")}
     for size in ("small", "large"):
-        data = datasets[size]
+        data = b.data(f"data_{size}", tasks, s[size])
         vlm = b.vlm(f"vlm_{size}", data, tasks)
         flat = b.dp(f"dp_task_{size}", data, tasks, conditioning="task")
         code = b.dp(f"dp_code_{size}", data, tasks, conditioning="code")

@@ -211,6 +211,7 @@ class VLMPlanner:
         self.task_prompt = ""
         self.objects: list[str] | None = None
         self.memory: list[str] = []
+        self._stored_keys: tuple[list[str] | None, int, set[str]] = (None, 0, set())  # stored_keys()' cache
         self.stats = PlannerStats()
         self.reset("")
 
@@ -584,17 +585,11 @@ class VLMPlanner:
         if not (no_comment or constrain):
             return token
 
-        keys: list[set[str]] = []  # stored_keys(), once per token rather than per candidate
-
         def ok(t: int) -> bool:
             text = self.tok.decode(generated + [t], skip_special_tokens=True)
             if no_comment and (not text.strip() or text.lstrip().startswith("#")):
                 return False
-            if not constrain:
-                return True
-            if "pose_dict[" in text and not keys:
-                keys.append(self.stored_keys())
-            return self._names_ok(text) and self._keys_ok(text, keys[0] if keys else None)
+            return not constrain or (self._names_ok(text) and self._keys_ok(text))
 
         if ok(token):
             return token
@@ -631,24 +626,29 @@ class VLMPlanner:
         return True
 
     def stored_keys(self) -> set[str]:
-        """The ``pose_dict`` keys that the memory's assignment lines have stored."""
-        keys = set()
-        for line in self.memory:
-            if POSE_DICT_ASSIGNMENT.match(line):
-                match = POSE_DICT_READ.search(line)
-                if match:
-                    keys.add(match.group(2))
+        """The ``pose_dict`` keys that the memory's assignment lines have stored. Cached while the
+        memory is the same list at the same length (it only grows within an episode), so that
+        constrained decoding reads it once per memory line, not once per candidate token."""
+        memory, length, keys = self._stored_keys
+        if memory is not self.memory or length != len(self.memory):
+            keys = set()
+            for line in self.memory:
+                if POSE_DICT_ASSIGNMENT.match(line):
+                    match = POSE_DICT_READ.search(line)
+                    if match:
+                        keys.add(match.group(2))
+            self._stored_keys = (self.memory, len(self.memory), keys)
         return keys
 
-    def _keys_ok(self, text: str, keys: set[str] | None = None) -> bool:
+    def _keys_ok(self, text: str) -> bool:
         """Every ``pose_dict`` string literal in ``text`` (one line, maybe ``#``-commented) that is
         not the assignment target at the line's start is a stored key, or an unfinished prefix
-        of one. ``keys``: ``stored_keys()`` if already known."""
+        of one."""
         code = text.lstrip().lstrip("#").lstrip()
         for start, arg, closed in self._string_args(self._POSE_DICT, code):
             if start == 0:
                 continue  # the target of an assignment: a new key
-            keys = self.stored_keys() if keys is None else keys
+            keys = self.stored_keys()
             if not closed:
                 if not any(key.startswith(arg) for key in keys):
                     return False

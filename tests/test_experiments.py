@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments import ablate_chunking, paper_results  # noqa: E402
 from experiments.report import Layout, Results, Variant, csv_text, markdown_table  # noqa: E402
-from experiments.runner import schedule_length  # noqa: E402
+from experiments.runner import schedule_length, start_order  # noqa: E402
 from experiments.stages import Builder, Stage, settings, stage_keys  # noqa: E402
 
 EXPERIMENTS = ["table1", "swap", "data_scaling", "ablate_chunking", "dataset_generation"]
@@ -118,6 +118,17 @@ def test_schedule_pairs_trainings_and_runs_data_and_evaluations_alone():
     # vlm beside dp, then dp2 in dp's slot (beside the vlm's last 40), then the evaluation alone
     assert schedule_length(stages, d, jobs=2) == 10 + 120 + 30
     assert schedule_length(stages, d, jobs=2, done={"data", "vlm"}) == 60 + 30  # the two DPs side by side
+
+
+def test_data_stages_start_first_wherever_they_are_listed():
+    # listed as swap lists them: a size's data, its trainings, then the next size's data
+    stages = [Stage("data_a", "data", {}), Stage("dp_a", "train_dp", {}, {"DATA": ("data_a", "")}),
+              Stage("data_b", "data", {}), Stage("dp_b", "train_dp", {}, {"DATA": ("data_b", "")})]
+    assert [s.name for s in start_order(stages)] == ["data_a", "data_b", "dp_a", "dp_b"]
+    d = {"data_a": 10, "data_b": 20, "dp_a": 60, "dp_b": 60}
+    # both datasets, then the two DPs side by side; in list order dp_a would start before data_b,
+    # and data_b (which runs alone) would wait for it: 10 + 60 + 20 + 60
+    assert schedule_length(stages, d, jobs=2) == 10 + 20 + 60
 
 
 # Issue 12's budgets: 8 h for table1, 2 h for the others. Swap is allowed 3 h: its DPs need 10000

@@ -169,6 +169,19 @@ def test_pose_dict_reads_spell_stored_keys(parts, text, ok):
     assert planner._keys_ok(text) is ok
 
 
+def test_stored_keys_follow_the_memory_as_it_grows_and_resets(parts):
+    planner = VLMPlanner(*parts)
+    planner.reset("p", objects=["blue cylinder", "green cube"])
+    assert planner.stored_keys() == set() and not planner._keys_ok("move3d(pose_dict['free'])")
+    planner.memory.append("pose_dict['free'] = free_space(get_actor('blue cylinder'))")
+    assert planner.stored_keys() == {"free"} and planner._keys_ok("move3d(pose_dict['free'])")
+    other = planner.fork()  # its own, empty memory; the parent's keys stay
+    assert other.stored_keys() == set() and planner.stored_keys() == {"free"}
+    planner.reset("p", objects=["blue cylinder", "green cube"])
+    planner.memory.append("pose_dict['green cube'] = get_pose(get_actor('green cube'))")  # same length as before
+    assert planner.stored_keys() == {"green cube"}
+
+
 def test_constrained_choice_takes_the_best_valid_token(parts):
     """Scores favour a token that starts a name not in the scene: the constrained choice takes the
     best-scoring token that still spells a scene object; unconstrained greedy keeps the argmax."""
