@@ -18,7 +18,7 @@ from experiments.report import Check, Layout, Variant, difference  # noqa: E402
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # episodes: demonstrations per task of the base dataset
-    "cpu": {"episodes": 100, "vlm_steps": 4000, "dp_steps": 5000},
+    "cpu": {"episodes": 100, "vlm_steps": 4000, "dp_steps": 8000},  # L0 preset: 13000; 8000 fits 2 h
     "paper": {"episodes": 2000, "vlm_steps": 10000, "dp_steps": 200000},
     "quick": {"episodes": 3, "vlm_steps": 6, "dp_steps": 10},
 }
