@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.paper_results import FINDINGS  # noqa: E402
-from experiments.report import Check, Layout, Variant, difference  # noqa: E402
+from experiments.report import Check, Layout, Variant, difference, pacing_note  # noqa: E402
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # episodes: demonstrations per task of the base dataset
@@ -48,7 +48,7 @@ def build(b, s) -> Experiment:
         paper_source=FINDINGS["data_scaling"],
         notes=["The VLM is trained on L0 and L1 (PushToTarget, SingleStack, StackTopple) and is the same for both "
                "DPs; the DPs differ only in their data.",
-               "VLM+DP runs with the DP pacing the plan (QUERY_EVERY_STEP=false on the cpu preset)."])
+               pacing_note(s)])
     return Experiment("data_scaling", b.stages, layout)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.paper_results import FINDINGS  # noqa: E402
-from experiments.report import Check, Layout, Variant, difference  # noqa: E402
+from experiments.report import Check, Layout, Variant, difference, pacing_note  # noqa: E402
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # quick: Topple, whose 3-line programs a VLM of 150 steps writes well enough for VLM+Oracle data
@@ -56,7 +56,7 @@ def build(b, s) -> Experiment:
         notes=[f"shift_k={s['shift_k']}: the paper's k is lost from its text; 3 is configs/dp.yaml's default.",
                "The VLM+Oracle dataset has as many successful episodes per task as the oracle dataset, from the "
                "same seeds onwards (failed seeds are skipped).",
-               "VLM+DP runs with the DP pacing the plan (QUERY_EVERY_STEP=false on the cpu preset)."])
+               pacing_note(s)])
     return Experiment("dataset_generation", b.stages, layout)
 
 

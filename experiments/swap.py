@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.paper_results import FINDINGS  # noqa: E402
-from experiments.report import Check, Layout, Variant, difference  # noqa: E402
+from experiments.report import Check, Layout, Variant, difference, pacing_note  # noqa: E402
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # small / large: Swap demonstrations (the paper's two sizes are not in its text)
@@ -57,7 +57,7 @@ def build(b, s) -> Experiment:
                "insert_positions=false: the lines stay code, the positions come from the oracle's pose_dict). The "
                "paper writes the positions into the DP's text; that needs a DP trained on such numeric lines, "
                "which `make data` does not write.",
-               "VLM+DP runs with the DP pacing the plan (QUERY_EVERY_STEP=false on the cpu preset)."])
+               pacing_note(s)])
     return Experiment("swap", b.stages, layout)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.paper_results import TABLE1, TABLE1_AVERAGES, TABLE1_TASKS, TABLE1_UNSEEN  # noqa: E402
-from experiments.report import Check, Layout, Variant, difference  # noqa: E402
+from experiments.report import Check, Layout, Variant, difference, pacing_note  # noqa: E402
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # per preset: demonstrations per task, optimizer steps (settings: --dry-run lists them all)
@@ -59,8 +59,7 @@ def _notes(s) -> list[str]:
         f"cpu preset: {s['episodes']} demonstrations per task (paper: 2000), {s['eval_episodes']} evaluation seeds "
         "per cell (paper: 64), a tiny random-init VLM and a DP on the privileged state observation (object poses; "
         "the paper's DP sees images), both trained for minutes, not days.",
-        "VLM+DP runs with the DP pacing the plan (QUERY_EVERY_STEP=false on the cpu preset; the paper queries the "
-        "VLM at every step; README: every-step 37.5 % against 85.9 % on L0 with the cpu VLM).",
+        pacing_note(s),
         "The VLM is trained on the ten Table-1 tasks (the paper: the whole ClevrSkills suite).",
     ]
 

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments import ablate_chunking, paper_results  # noqa: E402
+from experiments import ablate_chunking, paper_results, swap, table1  # noqa: E402
 from experiments.report import Layout, Results, Variant, csv_text, markdown_table  # noqa: E402
 from experiments.runner import schedule_length, start_order  # noqa: E402
 from experiments.stages import Builder, Stage, settings, stage_keys  # noqa: E402
@@ -39,6 +39,16 @@ def stages_of(module, preset: str = "cpu", quick: bool = False, *overrides: str)
 
 
 # ---------------------------------------------------------------------------- fast
+@pytest.mark.parametrize("preset, extra, says", [("cpu", [], "QUERY_EVERY_STEP=false"),
+                                                  ("cpu", ["query_every_step=true"], "QUERY_EVERY_STEP=true"),
+                                                  ("paper", [], "QUERY_EVERY_STEP=true")])
+def test_the_pacing_note_says_how_this_run_paces_vlm_dp(preset, extra, says):
+    for module in (table1, swap):
+        s = settings(module.SIZES, preset, False, extra)
+        notes = module.build(Builder(preset, False, s), s).layout.notes
+        assert [n for n in notes if "QUERY_EVERY_STEP" in n] == [next(n for n in notes if says in n)]
+
+
 def test_table1_transcription_matches_the_papers_averages():
     """The rows of Table 1 as transcribed average to the averages the paper prints (two of which
     the paper itself has off: VLM+DP L0 by 0.02, VLM+DP L1 by 0.50, kept as printed)."""
