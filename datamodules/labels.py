@@ -93,3 +93,20 @@ def relabel(labels: list[str], key_steps: list[bool]) -> list[str]:
 def shifted_labels(labels: list[str], k: int, rng) -> list[str]:
     """Oracle labels with every subtask boundary shifted by up to ``k`` steps."""
     return relabel(labels, shift_boundaries([is_key_step(x) for x in labels], k, rng))
+
+
+def keystep_recall(predicted: list[str], oracle: list[str], window: int = 3) -> tuple[int, int]:
+    """Key-step recall of one episode: ``(found, total)``, where ``total`` counts the oracle's key-steps
+    and ``found`` those that ``predicted`` (one label per control step, the same length) also emits as a
+    key-step, with the same text up to surrounding spaces, at most ``window`` steps before or after. Each
+    predicted key-step matches at most one oracle key-step, the earliest it can."""
+    wanted = [(t, line.strip()) for t, line in enumerate(oracle) if is_key_step(line)]
+    offered = [(t, line.strip()) for t, line in enumerate(predicted) if is_key_step(line)]
+    used, found = set(), 0
+    for t, line in wanted:
+        for i, (u, other) in enumerate(offered):
+            if i not in used and other == line and abs(u - t) <= window:
+                used.add(i)
+                found += 1
+                break
+    return found, len(wanted)

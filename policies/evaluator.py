@@ -381,9 +381,22 @@ def _run_here(policy, jobs, env_cfg: dict, envs_per_worker: int, progress: bool,
     return outcomes
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads per evaluation worker: ``OMP_NUM_THREADS`` when it is set to a positive integer,
+    else the cores shared among the ``workers``. Set ``OMP_NUM_THREADS=1`` for evaluations run side by
+    side: each of them sees an idle machine, and OpenMP threads that wait on cores another process holds
+    cost far more than they bring (two one-worker image-DP evaluations at 2 threads each ran about ten
+    times slower per episode on 2 cores, sessions 20-21)."""
+    try:
+        asked = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        asked = 0
+    return asked if asked > 0 else max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
 def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_worker: int, progress: bool,
                   on_episode) -> list:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = worker_threads(workers)
     batched = envs_per_worker > 1
     todo, done = (SPAWN.Queue(), SPAWN.Queue()) if batched else (None, None)
     desc = f"rollouts ({workers} workers" + (f" x {envs_per_worker} envs)" if batched else ")")
@@ -428,4 +441,4 @@ def _run_parallel(spec: PolicySpec, jobs, env_cfg: dict, workers: int, envs_per_
 
 __all__ = ["DEFAULT_SEED_START", "DEFAULT_EPISODES", "EpisodeResult", "Video", "TaskResult", "EvalResult", "EpisodeJournal",
            "evaluate", "evaluation_seeds", "run_episode", "success_metrics", "cached_env", "close_cached_envs",
-           "preserved_rng", "seed_everything"]
+           "preserved_rng", "seed_everything", "worker_threads"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies.evaluator import DEFAULT_SEED_START, evaluate, evaluation_seeds, success_metrics
+from policies.evaluator import DEFAULT_SEED_START, evaluate, evaluation_seeds, success_metrics, worker_threads
 from policies.spec import PolicySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,20 @@ def test_default_seeds_are_fixed_and_far_from_data_seeds():
     assert DEFAULT_SEED_START == 100000
     assert evaluation_seeds() == list(range(100000, 100064))
     assert evaluation_seeds(3, 7) == [7, 8, 9]
+
+
+def test_worker_threads_follow_omp_num_threads_else_share_the_cores(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads(1) == 1  # evaluations side by side: one thread each, whatever the worker count
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_threads(2) == 3
+    for unusable in ("", "0", "-2", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert worker_threads(1) == cores
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert worker_threads(2) == max(1, cores // 2)
+    assert worker_threads(4 * cores) == 1
 
 
 def test_one_process_results_mix_successes_and_failures(one_process):

@@ -9,6 +9,7 @@ from datamodules.labels import (
     commented,
     extract_memory_info,
     is_key_step,
+    keystep_recall,
     memories,
     step_labels,
     uncomment,
@@ -198,3 +199,18 @@ def test_extract_memory_info_ignores_non_assignments(line):
 )
 def test_extract_memory_info_counts_assignments(line):
     assert extract_memory_info([MOVE, line, PICK]) == line
+
+
+def test_keystep_recall_counts_oracle_key_steps_emitted_nearby_with_the_same_text():
+    oracle = step_labels(*_trace([(MOVE, 4), (PICK, 3), (PLACE, 3), (DONE, 1)]))  # key-steps at 0, 4, 7, 10
+    assert keystep_recall(oracle, oracle) == (4, 4)
+    late = [commented(MOVE)] * 11
+    late[3], late[9], late[10] = MOVE, PICK, DONE  # MOVE 3 late: found; PICK 5 late: missed; no PLACE
+    assert keystep_recall(late, oracle, window=3) == (2, 4)
+    assert keystep_recall(late, oracle, window=5) == (3, 4)
+    wrong = list(oracle)
+    wrong[7] = "place(get_actor('red cube'), get_actor('green cube'))"  # another object: not the oracle's line
+    assert keystep_recall(wrong, oracle) == (3, 4)
+    twice = [commented(MOVE)] * 11
+    twice[0] = MOVE  # one emitted key-step cannot answer two oracle key-steps of the same text
+    assert keystep_recall(twice, [MOVE, MOVE] + [commented(MOVE)] * 9) == (1, 2)
