@@ -114,9 +114,12 @@ class Results:
 
 
 def read_cells(layout: Layout, folder_of) -> dict[tuple[str, str], tuple[int, int]]:
-    """(variant id, task) -> (successes, episodes) from each evaluation stage's results.csv."""
+    """(variant id, task) -> (successes, episodes) from each finished evaluation stage's results.csv
+    (a stage without ``stage.json`` has not finished: its cells are left out)."""
     cells = {}
     for v in layout.variants:
+        if not (Path(folder_of(v.stage)) / "stage.json").exists():
+            continue
         with open(Path(folder_of(v.stage)) / "results.csv") as f:
             for row in csv.DictReader(f):
                 cells[(v.id, row["task"])] = (int(row["successes"]), int(row["episodes"]))
@@ -165,7 +168,8 @@ def markdown_table(results: Results) -> str:
                 out.append(f"{ours} | {_pct(results.paper(vid, task)) if vid else ''}")
             lines.append(f"| {r} | " + " | ".join(out) + " |")
     if layout.by == "task" and len(results.tasks) > 1:
-        avgs = [f"**{_pct(results.average(v.id))}** | {_pct(results.paper_average(v.id))}" for v in layout.variants]
+        avgs = [(f"**{_pct(a)}**" if (a := results.average(v.id)) is not None else "")
+                + f" | {_pct(results.paper_average(v.id))}" for v in layout.variants]
         lines.append("| **Average** | " + " | ".join(avgs) + " |")
     return "\n".join(lines) + "\n"
 
@@ -193,7 +197,7 @@ def csv_text(name: str, results: Results) -> str:
             paper = results.paper(v.id, t)
             w.writerow([name, v.id, v.label, t, s, n, f"{s / n:.4f}" if n else "",
                         "" if paper is None else f"{paper / 100:.4f}"])
-        if results.layout.by == "task" and len(results.tasks) > 1:
+        if results.layout.by == "task" and len(results.tasks) > 1 and tasks:
             avg, paper = results.average(v.id), results.paper_average(v.id)
             s = sum(results.cells[(v.id, t)][0] for t in tasks)
             n = sum(results.cells[(v.id, t)][1] for t in tasks)
@@ -264,33 +268,42 @@ def tensorboard(results: Results, folder: Path, text: str) -> None:
 
 
 def write_results(experiment, runner, settings: dict, preset: str, quick: bool) -> str:
-    """Write the result files of a finished run into ``runner.out``; returns results.md's text."""
+    """Write the result files of a run into ``runner.out`` from its finished stages (all of them at the
+    end of a run; fewer with ``--report`` during or after a stopped run: the unfinished cells and stage
+    times are left empty and the page says so); returns results.md's text."""
     layout = experiment.layout
     results = Results(layout, read_cells(layout, runner.folder))
     out = runner.out
-    stage_times = []
+    stage_times = []  # (name, seconds, projected seconds); seconds None: not finished
     for s in experiment.stages:
-        record = json.loads((runner.folder(s.name) / "stage.json").read_text())
+        path = runner.folder(s.name) / "stage.json"
+        record = json.loads(path.read_text()) if path.exists() else {"seconds": None, "projected_seconds": s.estimate}
         stage_times.append((s.name, record["seconds"], record["projected_seconds"]))
     from experiments.runner import format_duration
 
-    spent = sum(t for _, t, _ in stage_times)
-    projected = sum(p for _, _, p in stage_times)
+    unfinished = [n for n, t, _ in stage_times if t is None]
+    spent = sum(t for _, t, _ in stage_times if t is not None)
+    projected = sum(p for _, t, p in stage_times if t is not None)
     settings_text = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
-    text = [f"# {layout.title}", "",
-            f"Preset `{preset}`{' (--quick: a smoke test, not a measurement)' if quick else ''}; settings: {settings_text}. "
-            f"Ours: success % (successes/episodes) on the evaluation seeds 100000, 100001, ...; "
-            f"paper: {layout.paper_source}", "", markdown_table(results)]
+    text = [f"# {layout.title}", ""]
+    if unfinished:
+        text += [f"**Partial results** (`--report`): {len(stage_times) - len(unfinished)} of {len(stage_times)} "
+                 f"stages finished; not yet: {', '.join(unfinished)}. Empty cells are not measured yet.", ""]
+    text += [f"Preset `{preset}`{' (--quick: a smoke test, not a measurement)' if quick else ''}; settings: {settings_text}. "
+             f"Ours: success % (successes/episodes) on the evaluation seeds 100000, 100001, ...; "
+             f"paper: {layout.paper_source}", "", markdown_table(results)]
     checks = check_lines(results)
     if checks:
         text += ["## Targets", "", *checks, ""]
     if layout.notes:
         text += ["## What differs from the paper", "", *[f"- {n}" for n in layout.notes], ""]
     text += ["## Time", "",
-             f"Stage times summed: {format_duration(spent)} (projected {format_duration(projected)}); "
-             "trainings may have run side by side, so the wall time can be shorter.", "",
+             f"Stage times summed{' (finished stages)' if unfinished else ''}: {format_duration(spent)} "
+             f"(projected {format_duration(projected)}); trainings may have run side by side, so the wall time "
+             "can be shorter.", "",
              "| stage | time | projected |", "|---|---:|---:|",
-             *[f"| {n} | {format_duration(t)} | {format_duration(p)} |" for n, t, p in stage_times], ""]
+             *[f"| {n} | {'not finished' if t is None else format_duration(t)} | {format_duration(p)} |"
+               for n, t, p in stage_times], ""]
     md = "\n".join(text)
     (out / "results.md").write_text(md)
     (out / "results.csv").write_text(csv_text(experiment.name, results))

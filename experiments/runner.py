@@ -379,6 +379,9 @@ def main(name: str, build, sizes: dict, argv: list[str], doc: str = "") -> int:
     parser.add_argument("--out", help="output folder (default outputs/exp/<name>[-paper|-quick])")
     parser.add_argument("--jobs", type=int, default=None, help="trainings run side by side (default 2; quick: 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and the projected time only")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the result files from the stages finished so far (a run "
+                             "still going, or one that was stopped), unfinished cells left empty")
     parser.add_argument("settings", nargs="*", metavar="name=value", help="change a setting (see --dry-run)")
     args = parser.parse_args(argv)
     if args.quick and args.preset != "cpu":
@@ -398,6 +401,13 @@ def main(name: str, build, sizes: dict, argv: list[str], doc: str = "") -> int:
     if args.dry_run:
         return 0
     from experiments.report import write_results
+
+    if args.report:
+        if not any(runner.is_done(st.name) for st in experiment.stages):
+            raise ConfigError(f"--report: no stage of this run has finished in {out} (the same settings and "
+                              f"--out as the run are needed: they name its stages)")
+        print(write_results(experiment, runner, s, args.preset, args.quick))
+        return 0
 
     t0 = time.time()
     try:

@@ -165,6 +165,7 @@ def test_dry_run_projects_the_cpu_preset_within_its_budget_and_writes_nothing(tm
     ("ablate_chunking", ["--quick", "--preset", "paper"], "--quick is the cpu preset"),
     ("data_scaling", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("dataset_generation", ["tasks=Nope"], "unknown task or level 'Nope'"),
+    ("swap", ["--report"], "--report: no stage of this run has finished"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(tmp_path, name, args, message):
     out = tmp_path / "out"
@@ -320,6 +321,14 @@ def test_a_run_killed_in_a_training_resumes_it_from_its_checkpoint(chunking_copy
     proc.wait()
     (dp,) = [p for p in (copy / "stages").glob("dp-*") if p.name not in before]
     assert not (dp / "stage.json").exists()
+    log = (copy / "runs.log").read_text()
+    report = run("ablate_chunking", *args, "--report")  # what the stopped run has: data and VLM, no evaluation
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    md = (copy / "results.md").read_text()
+    assert "**Partial results** (`--report`): 2 of 9 stages finished; not yet: dp, eval_regenerate" in md
+    assert "| dp | not finished |" in md and "| PlaceOnTop |  |" in md and "| **Average** |  |" in md  # none yet
+    assert "dp_steps=400" in md and not list(csv.DictReader((copy / "results.csv").read_text().splitlines()))
+    assert (copy / "runs.log").read_text() == log and stage_records(copy) == before  # nothing ran
     again = run("ablate_chunking", *args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "7 stage(s) run, 2 cached" in again.stdout  # data and VLM were kept
