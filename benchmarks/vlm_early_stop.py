@@ -90,10 +90,12 @@ def replay(planner, eps) -> dict:
             "lines": lines}
 
 
-def paced_recall(planner, eps, is_key_step) -> dict:
+def paced_recall(planner, eps) -> dict:
     """Per task, (found, total): at each oracle key-step's frame the planner is asked for the next
     key-step (``next_key_step(require_key_step=True)``, as VLM+Oracle and the DP-paced VLM+DP do when
     the running line has ended), on its own memory; found when its line equals the oracle's."""
+    from datamodules.labels import is_key_step
+
     out = {}
     for task, _, prompt, frames, oracle in eps:
         planner.reset(prompt)
@@ -180,7 +182,7 @@ def main() -> None:
     print(f"key-step recall of the default setting (early stop + fast queries), +-{args.window} steps: "
           + ", ".join("{}/{}".format(*recall(default, task)) + f" {task}" for task in tasks))
     planner.early_stop_k, planner.use_prefix_cache, planner.fast = k_default, True, True
-    paced = paced_recall(planner, eps, is_key_step)
+    paced = paced_recall(planner, eps)
     print("asked at each oracle key-step (the DP-paced VLM+DP, VLM+Oracle), the oracle's line: "
           + ", ".join(f"{f}/{t} {task}" for task, (f, t) in paced.items())
           + " = {:.1%}".format(sum(f for f, _ in paced.values()) / max(1, sum(t for _, t in paced.values()))))

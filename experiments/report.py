@@ -113,12 +113,12 @@ class Results:
         return sum(values) / len(values) if values and None not in values else None
 
 
-def read_cells(layout: Layout, folder_of) -> dict[tuple[str, str], tuple[int, int]]:
-    """(variant id, task) -> (successes, episodes) from each finished evaluation stage's results.csv
-    (a stage without ``stage.json`` has not finished: its cells are left out)."""
+def read_cells(layout: Layout, folder_of, finished: set[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(variant id, task) -> (successes, episodes) from the results.csv of each evaluation stage named
+    in ``finished`` (the cells of the others are left out)."""
     cells = {}
     for v in layout.variants:
-        if not (Path(folder_of(v.stage)) / "stage.json").exists():
+        if v.stage not in finished:
             continue
         with open(Path(folder_of(v.stage)) / "results.csv") as f:
             for row in csv.DictReader(f):
@@ -272,12 +272,13 @@ def write_results(experiment, runner, settings: dict, preset: str, quick: bool) 
     end of a run; fewer with ``--report`` during or after a stopped run: the unfinished cells and stage
     times are left empty and the page says so); returns results.md's text."""
     layout = experiment.layout
-    results = Results(layout, read_cells(layout, runner.folder))
+    finished = {s.name for s in experiment.stages if runner.is_done(s.name)}
+    results = Results(layout, read_cells(layout, runner.folder, finished))
     out = runner.out
     stage_times = []  # (name, seconds, projected seconds); seconds None: not finished
     for s in experiment.stages:
-        path = runner.folder(s.name) / "stage.json"
-        record = json.loads(path.read_text()) if path.exists() else {"seconds": None, "projected_seconds": s.estimate}
+        record = (json.loads((runner.folder(s.name) / "stage.json").read_text()) if s.name in finished
+                  else {"seconds": None, "projected_seconds": s.estimate})
         stage_times.append((s.name, record["seconds"], record["projected_seconds"]))
     from experiments.runner import format_duration
 
