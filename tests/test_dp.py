@@ -392,6 +392,35 @@ def test_spatial_softmax_refuses_images_too_small_for_it():
     DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax", "resnet_maxpool": False})
 
 
+def test_image_film_makes_the_camera_features_depend_on_the_code_line(data):
+    """model.image_film: the cameras' ResNets are FiLM-conditioned on the conditioning texts. At
+    initialisation they are the plain ResNets; once the FiLM weights are not zero, the same images
+    with another code line give other camera features. It needs images and language."""
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    for bad in ({"observation": "state"}, {"conditioning": "none"}):
+        with pytest.raises(ConfigError, match="image_film"):
+            DiffusionPolicyModel(**{**TINY, "image_film": True, **bad})
+    torch.manual_seed(0)
+    module, dm = make(data, image_film=True)
+    model = module.model.eval()
+    batch = first_batch(dm, 4)
+    other = dict(batch, instruction=["pick(get_actor('green cylinder'))"] * 4)
+
+    def camera_features(b):
+        with torch.no_grad():
+            return model.condition(b)[:, -4 * 64:-2 * 64]  # the two camera tokens of the obs skip
+
+    torch.testing.assert_close(camera_features(batch), camera_features(other))  # zero-initialised FiLM
+    with torch.no_grad():
+        for name, m in model.cameras.named_modules():
+            if name.endswith(".film"):  # the blocks' FiLM layers
+                m.weight.normal_(0, 0.1)
+    assert not torch.allclose(camera_features(batch), camera_features(other), atol=1e-4)
+    assert model.loss(batch).isfinite()
+
+
 # ------------------------------------------------------------------ object localisation loss
 def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_path):
     """The image DP's auxiliary loss (model.aux_object_weight): its targets are the named objects'

@@ -53,3 +53,52 @@ def test_unet_output_depends_on_condition_and_timestep():
     c2 = c.clone()
     c2[1] += 1.0
     torch.testing.assert_close(net(x, torch.tensor([10, 10]), c2)[0], base[0])
+
+
+def test_resnet_film_starts_as_the_plain_resnet_and_needs_its_vector():
+    torch.manual_seed(0)
+    plain, film = ResNet18GN(out_dim=8, width=8), ResNet18GN(out_dim=8, width=8, film_dim=4)
+    missing, unexpected = film.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".film." in k for k in missing)
+    x = torch.rand(3, 3, 32, 32)
+    # zero-initialised FiLM: any vector leaves the plain network's output
+    torch.testing.assert_close(film(x, torch.randn(3, 4)), plain(x))
+    with pytest.raises(ValueError, match="film vector"):
+        film(x)
+    with pytest.raises(ValueError, match="film vector"):
+        plain(x, torch.randn(3, 4))
+
+
+def two_squares(n: int, generator: torch.Generator):
+    """Images (n, 3, 32, 32) with a red and a blue 6 px square at random places, which one is
+    named (n,) and the named square's centre (n, 2) in [-1, 1]."""
+    images = torch.zeros(n, 3, 32, 32)
+    corners = torch.randint(0, 26, (n, 2, 2), generator=generator)
+    for i in range(n):
+        for colour, (r, c) in zip((0, 2), corners[i].tolist()):
+            images[i, colour, r:r + 6, c:c + 6] = 1.0
+    named = torch.randint(0, 2, (n,), generator=generator)
+    centre = corners[torch.arange(n), named].flip(-1).float() + 2.5  # (x, y) in pixels
+    return images, named, centre / 31 * 2 - 1
+
+
+def test_resnet_film_learns_to_find_the_object_its_vector_names():
+    """Two squares, a one-hot vector naming one: the FiLM ResNet learns where the named one is
+    (its spatial-softmax keypoints follow the vector); the target is not in the image alone."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = ResNet18GN(out_dim=2, width=8, maxpool=False, film_dim=2)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(250):
+        images, named, centre = two_squares(32, g)
+        loss = ((net(images, torch.nn.functional.one_hot(named, 2).float()) - centre) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    images, named, centre = two_squares(256, g)
+    with torch.no_grad():
+        right = ((net(images, torch.nn.functional.one_hot(named, 2).float()) - centre) ** 2).mean()
+        wrong = ((net(images, torch.nn.functional.one_hot(1 - named, 2).float()) - centre) ** 2).mean()
+    chance = ((centre - centre.mean(0)) ** 2).mean()  # predicting the mean position
+    print(f"named square: mse {right:.4f}; other square named {wrong:.4f}; the mean position {chance:.4f}")
+    assert right < 0.15 * chance and wrong > 5 * right

@@ -31,6 +31,12 @@ within CPU hours (issue 11: 12.5 % DP+Oracle on L0 after 2.1 h) where a state DP
 positions, learns in minutes; this loss asks the image encoder for those positions directly
 (privileged supervision in training, as in asymmetric actor-critic setups).
 
+Text-conditioned image encoders (``image_film``, not in the paper): the mean of each text's token
+states (the instruction's and the cache info's: MiniLM's own sentence pooling), projected to
+``d_model``, FiLM-modulates every ResNet block of both cameras (``networks.resnet``; RT-1 conditions
+its image tower on the instruction the same way), so the spatial-softmax keypoints can follow the
+objects the code line names instead of summarising every object in one token.
+
 Batch keys: ``base_rgb``, ``wrist_rgb`` (B, 3, H, W) uint8 (``rgb``) or the state keys of
 ``state.state_sample`` (``state``); ``proprio`` (B, ``proprio_dim``: 21 for our data); ``suction``
 (B, 2); for training ``actions`` (B, horizon, 7); and the strings the conditioning mode reads
@@ -116,7 +122,7 @@ class DiffusionPolicyModel(nn.Module):
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
                  target_object_offset: bool = False, aux_object_weight: float = 0.0,
-                 proprio_dim: int = PROPRIO_DIM):
+                 image_film: bool = False, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -135,8 +141,13 @@ class DiffusionPolicyModel(nn.Module):
         self.tcp_position = slice(self.proprio_dim - 7, self.proprio_dim - 4)
         self.normalizer = Normalizer(ACTION_DIM, self.proprio_dim)
         cameras = CAMERAS if observation == "rgb" else ()
+        self.image_film = bool(image_film)
+        if self.image_film and (observation != "rgb" or conditioning == "none"):
+            raise ConfigError("image_film conditions the cameras' ResNets on the text: it needs observation rgb "
+                              "and a conditioning with language (not 'none')")
+        film_dim = d_model if self.image_film else 0
         self.cameras = nn.ModuleDict({c: ResNet18GN(d_model, width=resnet_width, pool=image_pool,
-                                                        maxpool=resnet_maxpool)
+                                                        maxpool=resnet_maxpool, film_dim=film_dim)
                                       for c in cameras})
         self.proprio = nn.Linear(self.proprio_dim, d_model)
         self.suction = nn.Linear(SUCTION_DIM, d_model)
@@ -148,6 +159,8 @@ class DiffusionPolicyModel(nn.Module):
         if conditioning != "none":
             self.lang_proj = nn.Linear(self.text.dim, d_model)
             self.lang_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # instruction, cache info
+        if self.image_film:  # (instruction mean, cache-info mean) -> the ResNets' FiLM input
+            self.film_text = nn.Sequential(nn.Linear(2 * self.text.dim, d_model), nn.Mish())
         self.state = (StateTokens(d_model, self.text.dim, target_object_offset)
                       if observation == "state" else None)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
@@ -192,22 +205,26 @@ class DiffusionPolicyModel(nn.Module):
 
     def _condition(self, batch: dict):
         """(conditioning vector, features of the localisation head, conditioning texts or None)."""
-        obs = [self.cameras[c](self._images(batch[c])) for c in self.cameras]
         proprio = batch["proprio"].float()
+        texts = conditioning_texts(self.conditioning, batch)
+        if self.text is not None:
+            self.text.to(proprio.device)
+        encoded = [self.text.encode(strings) for strings in texts] if texts is not None else []
+        film = None
+        if self.image_film:
+            means = [(lang * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1) for lang, mask in encoded]
+            film = self.film_text(torch.cat(means, 1))
+        obs = [self.cameras[c](self._images(batch[c]), film) for c in self.cameras]
         obs += [self.proprio(self.normalizer.normalize_proprio(proprio)), self.suction(batch["suction"].float())]
         tokens = skip = torch.stack(obs, 1) + self.obs_type
         pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        texts = conditioning_texts(self.conditioning, batch)
-        if self.text is not None:
-            self.text.to(tokens.device)
         if self.state is not None:
             state, state_pad, state_skip = self.state(batch, None if texts is None else texts[0],
                                                       proprio[:, self.tcp_position], self.text)
             tokens, pad = torch.cat([tokens, state], 1), torch.cat([pad, state_pad], 1)
             skip = torch.cat([skip, state_skip], 1)
         if texts is not None:
-            for kind, strings in enumerate(texts):
-                lang, mask = self.text.encode(strings)
+            for kind, (lang, mask) in enumerate(encoded):
                 tokens = torch.cat([tokens, self.lang_proj(lang) + self.lang_type[kind]], 1)
                 pad = torch.cat([pad, ~mask], 1)
         pooled = self.pool(tokens, pad)

@@ -14,6 +14,13 @@ Policy's (robomimic's): a 1x1 conv to ``keypoints`` maps, a softmax over positio
 the expected (x, y) of each, i.e. where things are; the paper says only "a standard ResNet-18",
 so we take Diffusion Policy's choice. ``avg`` is torchvision's global average pool, which keeps
 what is in the image but little of where (kept for comparison and older checkpoints).
+
+``film_dim`` > 0 conditions every basic block on a vector (B, film_dim), as RT-1's FiLM-EfficientNet
+conditions its image tower on the instruction: the block's output before the residual sum becomes
+``y * (1 + gamma) + beta`` with (gamma, beta) a linear map of the vector, zero-initialised so the
+network starts as the plain ResNet. Not in the paper (its ResNet sees the image alone); why: with
+one vector per camera the pooled text must pick the named object out of a summary of all of them,
+and the cpu image DP did not learn that (README, "Measured closed-loop success").
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, film_dim: int = 0):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.norm1 = _norm(cout)
@@ -38,10 +45,18 @@ class BasicBlock(nn.Module):
         self.skip = None
         if stride != 1 or cin != cout:
             self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(cout))
+        self.film = None
+        if film_dim > 0:
+            self.film = nn.Linear(film_dim, 2 * cout)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
+        if self.film is not None:
+            gamma, beta = self.film(film)[:, :, None, None].chunk(2, 1)
+            y = y * (1 + gamma) + beta
         return torch.relu(y + (x if self.skip is None else self.skip(x)))
 
 
@@ -64,12 +79,13 @@ class SpatialSoftmax(nn.Module):
 
 
 class ResNet18GN(nn.Module):
-    """Image (B, 3, H, W) float in [0, 1] -> feature (B, out_dim) (``pool``, then a linear layer)."""
+    """Image (B, 3, H, W) float in [0, 1] (and with ``film_dim`` a conditioning vector
+    (B, film_dim)) -> feature (B, out_dim) (``pool``, then a linear layer)."""
 
     POOLS = ("spatial_softmax", "avg")
 
     def __init__(self, out_dim: int = 512, width: int = 64, pool: str = "spatial_softmax", keypoints: int = 32,
-                 maxpool: bool = True):
+                 maxpool: bool = True, film_dim: int = 0):
         super().__init__()
         if pool not in self.POOLS:
             raise ConfigError(f"unknown image pool {pool!r}; pools: {list(self.POOLS)}")
@@ -79,7 +95,7 @@ class ResNet18GN(nn.Module):
         stages, cin = [], w
         for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
             stride = 1 if i == 0 else 2
-            stages += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            stages += [BasicBlock(cin, cout, stride, film_dim), BasicBlock(cout, cout, 1, film_dim)]
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.keypoints = SpatialSoftmax(cin, keypoints) if pool == "spatial_softmax" else None
@@ -87,7 +103,12 @@ class ResNet18GN(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        x = self.stages(self.stem(x))
+        self.film_dim = int(film_dim)
+
+    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        if (film is None) != (self.film_dim == 0):
+            raise ValueError(f"ResNet18GN(film_dim={self.film_dim}) got {'no' if film is None else 'a'} film vector")
+        x = self.stem((images - self.mean) / self.std)
+        for block in self.stages:
+            x = block(x, film)
         return self.head(self.keypoints(x) if self.keypoints is not None else x.mean(dim=(2, 3)))
