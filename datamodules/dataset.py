@@ -14,8 +14,8 @@ A sample is a dict::
     suction              (2,) float32        suction on, object attached
     actions              (horizon, 7) float32  actions t .. t+horizon-1; past the episode's end the
                                              last one repeated; with ``chunk_end="line"``, past
-                                             the running line's end (the next key-step) a hold
-                                             (no motion, the line's last suction command)
+                                             the running line's end a hold (no motion, the line's
+                                             last suction command): where its recorded skill ended
     action_mask          (horizon,) bool     False on the padded entries
     instruction          str                 the step's code label (key-step or commented)
     cache_info           str                 ExtractMemoryInfo of the memory
@@ -60,6 +60,7 @@ class _Episode:
     labels: list[str]
     key_t: list[int]  # steps that are key-steps
     key_lines: list[str]
+    line_ends: list[int]  # per key-step: the step where its recorded skill ended (``line_end``)
     objects: list[str] | None = None  # state: object names, sizes (N, 2) and pose_dict
     sizes: np.ndarray | None = None
     pose_dict: dict | None = None
@@ -76,7 +77,11 @@ class OracleStepDataset(Dataset):
     end) or ``line`` (not in the paper: a chunk stops at the end of its code line and holds still
     after it, so a code-conditioned DP is never trained on actions that the *next* line asks for
     and that its own line does not tell; the policy holds until the planner moves on, and the new
-    key-step regenerates the chunk).
+    key-step regenerates the chunk). The line ends where the skill its label names ended in the
+    recording, which is the oracle's next key-step: also under shifted oracle labels
+    (``shift_k``) or VLM labels, whose boundaries move only the text (when the VLM wrote as many
+    lines as the oracle; else at its own next key-step). Ending chunks at the moved boundaries
+    taught the DP to stop a motion up to ``shift_k`` steps early (measured, README, Figure 6).
     """
 
     def __init__(self, files, horizon: int = 16, label_set: str = "oracle", shift_k: int = 0,
@@ -107,8 +112,15 @@ class OracleStepDataset(Dataset):
                     if shift_k > 0:
                         labels = shifted_labels(labels, shift_k, np.random.default_rng([shift_seed, seed]))
                     key_t = [t for t, lab in enumerate(labels) if is_key_step(lab)]
-                    episode = _Episode(path, name, task, seed, str(ep.attrs["prompt"]),
-                                       int(ep.attrs["num_steps"]), labels, key_t, [labels[t] for t in key_t])
+                    length = int(ep.attrs["num_steps"])
+                    line_ends = key_t[1:] + [length]
+                    if (shift_k > 0 or label_set != "oracle") and "labels/oracle" in ep:
+                        # the skills' recorded ends are the oracle's key-steps (see the class docstring)
+                        oracle_t = [t for t, lab in enumerate(ep["labels/oracle/code"].asstr()[:]) if is_key_step(lab)]
+                        if len(oracle_t) == len(key_t):
+                            line_ends = oracle_t[1:] + [length]
+                    episode = _Episode(path, name, task, seed, str(ep.attrs["prompt"]), length, labels, key_t,
+                                       [labels[t] for t in key_t], line_ends)
                     if load_state:
                         if "object_pose" not in ep["obs"] or "radius" not in ep["objects"]:
                             raise schema.SchemaError(
@@ -160,9 +172,13 @@ class OracleStepDataset(Dataset):
 
     @staticmethod
     def line_end(ep: _Episode, t: int) -> int:
-        """The step where the line running at ``t`` ends: the next key-step after t (or the end)."""
-        i = bisect.bisect_right(ep.key_t, t)
-        return ep.key_t[i] if i < len(ep.key_t) else ep.length
+        """The step where the skill of the line labelling ``t`` ended in the recording: with the
+        oracle's labels the next key-step after t (or the episode's end); it may be t or earlier
+        under shifted or VLM labels (the label still names a skill that has ended)."""
+        i = bisect.bisect_right(ep.key_t, t) - 1
+        if i < 0:
+            return ep.key_t[0] if ep.key_t else ep.length
+        return ep.line_ends[i]
 
     def memory(self, ep: _Episode, t: int) -> list[str]:
         return ep.key_lines[: bisect.bisect_left(ep.key_t, t)]
@@ -174,11 +190,13 @@ class OracleStepDataset(Dataset):
         a = self._arrays(ep)
         end = min(t + self.horizon, ep.length)
         line_end = self.line_end(ep, t) if self.chunk_end == "line" else ep.length
-        actions = a["actions"][t:min(end, line_end)]
+        stop = max(min(end, line_end), t)  # t: the labelled skill has already ended, hold at once
+        actions = a["actions"][t:stop]
         pad = self.horizon - len(actions)
         mask = np.ones(self.horizon, dtype=bool)
         if pad:
-            filler = actions[-1:].copy()
+            last = (stop if stop > t else line_end) - 1  # the line's last recorded action
+            filler = a["actions"][last:last + 1].copy()
             if line_end < end:  # the line ends inside the chunk: hold still, keep the suction command
                 filler[:, :6] = 0.0
             actions = np.concatenate([actions, np.repeat(filler, pad, axis=0)])

@@ -189,3 +189,28 @@ def test_normalisation_stats_match_the_data(data):
     np.testing.assert_allclose(st["actions"]["std"], actions.std(0), atol=1e-5)
     np.testing.assert_allclose(st["actions"]["max"], actions.max(0), atol=1e-6)
     assert st["qpos"]["count"] == len(ds)
+
+
+def test_line_chunks_under_shifted_labels_end_where_the_labelled_skill_ended(data):
+    """With shifted oracle labels (shift_k) a line's chunk still ends at the oracle's key-step
+    that ended its skill in the recording: the shift moves only which label a step carries. A step
+    whose label names a skill that has already ended holds at once."""
+    files = dataset_files(data, ["PlaceNextTo"])
+    oracle = OracleStepDataset(files, horizon=16, chunk_end="line")
+    held_at_once = 0
+    for shift_seed in range(4):
+        shifted = OracleStepDataset(files, horizon=16, chunk_end="line", shift_k=3, shift_seed=shift_seed)
+        start = 0  # the dataset index of the episode's first step
+        for ep_s, ep_o in zip(shifted.episodes, oracle.episodes):
+            assert len(ep_s.key_t) == len(ep_o.key_t) and ep_s.key_lines == ep_o.key_lines
+            assert ep_s.line_ends == ep_o.key_t[1:] + [ep_o.length]
+            for t in range(ep_s.length):
+                i = sum(k <= t for k in ep_s.key_t) - 1  # the index of the line labelling t
+                assert shifted.line_end(ep_s, t) == ep_s.line_ends[i]
+                if ep_s.line_ends[i] <= t:  # its skill has ended: an all-hold chunk
+                    s, o = shifted[start + t], oracle[start + ep_s.line_ends[i] - 1]
+                    assert not s["action_mask"].any() and torch.all(s["actions"][:, :6] == 0)
+                    assert torch.all(s["actions"][:, 6] == o["actions"][0, 6])  # the skill's last suction
+                    held_at_once += 1
+            start += ep_s.length
+    assert held_at_once > 0  # the shifts did move some boundaries past a skill's end
