@@ -214,3 +214,41 @@ def test_line_chunks_under_shifted_labels_end_where_the_labelled_skill_ended(dat
                     held_at_once += 1
             start += ep_s.length
     assert held_at_once > 0  # the shifts did move some boundaries past a skill's end
+
+
+def test_line_chunks_under_vlm_labels_use_the_recorded_ends_when_the_lines_match(data, tmp_path):
+    """A VLM label set (``make relabel-dp``) whose key-steps come 2 steps early: with as many lines
+    as the oracle's, a line's chunk ends where the oracle's skill ended; with another number of
+    lines (the VLM merged two), at the VLM's own next key-step."""
+    import shutil
+
+    import h5py
+
+    from datamodules.schema import write_label_set
+
+    shutil.copytree(data, tmp_path / "data")
+    files = dataset_files(tmp_path / "data", ["PlaceNextTo"])
+    oracle = OracleStepDataset(files, chunk_end="line", load_images=False)
+    first, second = oracle.episodes[:2]
+    for ep, drop in ((first, False), (second, True)):
+        key_t = [ep.key_t[0]]  # the VLM names each line up to 2 steps early
+        for t in ep.key_t[1:]:
+            key_t.append(max(t - 2, key_t[-1] + 1))
+        lines = list(ep.key_lines)
+        if drop:  # one line fewer: the third key-step's line merged into the second
+            del key_t[2], lines[2]
+        flags = [t in key_t for t in range(ep.length)]
+        labels, line = [], None
+        for t in range(ep.length):
+            line = lines[key_t.index(t)] if flags[t] else line
+            labels.append(line if flags[t] else f"# {line}")
+        with h5py.File(tmp_path / "data" / "PlaceNextTo" / f"{ep.name}.h5", "r+") as f:
+            write_label_set(f["episode"], "vlm", labels, flags)
+    vlm = OracleStepDataset(files, chunk_end="line", load_images=False, label_set="vlm",
+                            select=lambda task, seed: seed in (first.seed, second.seed))
+    matched, merged = vlm.episodes
+    assert matched.key_t != first.key_t and matched.line_ends == first.key_t[1:] + [first.length]
+    assert merged.line_ends == merged.key_t[1:] + [merged.length]
+    i = next(i for i in range(1, len(first.key_t)) if matched.key_t[i] == first.key_t[i] - 2)
+    t = matched.key_t[i]  # a line the VLM names 2 steps before the oracle: it runs to the oracle's end
+    assert vlm.line_end(matched, t) == first.line_ends[i] and vlm.line_end(matched, t - 1) == first.key_t[i]
