@@ -108,17 +108,16 @@ class OracleStepDataset(Dataset):
                     if group not in ep:
                         raise schema.SchemaError(f"{path}:{name} has no label set {label_set!r}; "
                                                  f"has {sorted(ep['labels'])}")
-                    labels = list(ep[f"{group}/code"].asstr()[:])
+                    labels = recorded = list(ep[f"{group}/code"].asstr()[:])
+                    if label_set != "oracle":
+                        recorded = list(ep["labels/oracle/code"].asstr()[:]) if "labels/oracle" in ep else labels
                     if shift_k > 0:
                         labels = shifted_labels(labels, shift_k, np.random.default_rng([shift_seed, seed]))
                     key_t = [t for t, lab in enumerate(labels) if is_key_step(lab)]
                     length = int(ep.attrs["num_steps"])
-                    line_ends = key_t[1:] + [length]
-                    if (shift_k > 0 or label_set != "oracle") and "labels/oracle" in ep:
-                        # the skills' recorded ends are the oracle's key-steps (see the class docstring)
-                        oracle_t = [t for t, lab in enumerate(ep["labels/oracle/code"].asstr()[:]) if is_key_step(lab)]
-                        if len(oracle_t) == len(key_t):
-                            line_ends = oracle_t[1:] + [length]
+                    # the skills' recorded ends are the oracle's key-steps (see the class docstring)
+                    recorded_t = key_t if recorded is labels else [t for t, lab in enumerate(recorded) if is_key_step(lab)]
+                    line_ends = (recorded_t if len(recorded_t) == len(key_t) else key_t)[1:] + [length]
                     episode = _Episode(path, name, task, seed, str(ep.attrs["prompt"]), length, labels, key_t,
                                        [labels[t] for t in key_t], line_ends)
                     if load_state:
@@ -195,7 +194,7 @@ class OracleStepDataset(Dataset):
         pad = self.horizon - len(actions)
         mask = np.ones(self.horizon, dtype=bool)
         if pad:
-            last = (stop if stop > t else line_end) - 1  # the line's last recorded action
+            last = min(stop, line_end) - 1  # the line's last recorded action
             filler = a["actions"][last:last + 1].copy()
             if line_end < end:  # the line ends inside the chunk: hold still, keep the suction command
                 filler[:, :6] = 0.0
