@@ -465,6 +465,11 @@ def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_p
         assert aux(one) < 1e-10
         head.bias[0] += 0.1  # 1 cm off in x: (0.1 ** 2) / 3 in decimetres
         assert aux(one) == pytest.approx(0.01 / 3, rel=1e-4)
+        # at an episode's first step: 1 cm of xy error, against the object's xy distance from the TCP
+        error, distance = model.first_step_localisation_cm(torch.tensor([0]))
+        assert error.tolist() == pytest.approx([1.0], rel=1e-4)
+        assert distance.tolist() == pytest.approx([float(expected[:2].norm()) * 10], rel=1e-4)
+        assert model.first_step_localisation_cm(torch.tensor([3])) is None  # not a first step
         assert aux(dict(one, instruction=["done()"])) == 0.0  # a line that names no object adds nothing
         head.weight.copy_(saved[0])
         head.bias.copy_(saved[1])
@@ -481,7 +486,7 @@ def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_p
     assert "object_localisation" in model.last_losses
 
 
-def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data):
+def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data, tmp_path):
     from configs.errors import ConfigError
     from lightning_modules.dp.model import DiffusionPolicyModel
 
@@ -501,3 +506,12 @@ def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data):
                      {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
     module, dm = build(cfg)
     assert dm.load_state and module.model.aux_head is not None
+    # its validation reports the head at the episodes' first steps (the first validation batch
+    # starts at an episode's first step)
+    fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                    limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, datamodule=dm)
+    metrics = fit.callback_metrics
+    assert metrics["val/first_step_object_distance_cm"] > 1.0  # objects start away from the TCP
+    assert torch.isfinite(metrics["val/first_step_object_error_cm"])

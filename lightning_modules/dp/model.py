@@ -182,6 +182,7 @@ class DiffusionPolicyModel(nn.Module):
             self.aux_head = nn.Sequential(nn.Linear((n_queries + len(cameras)) * d_model, d_model), nn.Mish(),
                                           nn.Linear(d_model, MAX_ROLES * 3))
         self.last_losses: dict[str, torch.Tensor] = {}  # the auxiliary parts of the last ``loss`` (logging)
+        self.last_localisation = None  # (head's positions, targets, named) of the last localisation loss
         self.ddpm, self.ddim = build_schedulers()
         self.register_buffer("loss_weights", loss_weights(self.ddpm, loss_weighting), persistent=False)
 
@@ -248,8 +249,29 @@ class DiffusionPolicyModel(nn.Module):
         which = torch.stack([(roles == r) & mask for r in range(1, MAX_ROLES + 1)], 1).float()
         named = which.sum(-1) > 0
         target = which @ ((pose[..., :3] - tcp[:, None]) * POS_SCALE)
-        err = ((self.aux_head(features).view(B, MAX_ROLES, 3) - target) ** 2).mean(-1)
+        pred = self.aux_head(features).view(B, MAX_ROLES, 3)
+        self.last_localisation = (pred.detach(), target, named)
+        err = ((pred - target) ** 2).mean(-1)
         return (err * named).sum() / named.sum().clamp_min(1)
+
+    def first_step_localisation_cm(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Of the last ``object_localisation_loss`` batch, the rows at an episode's start (``t``: (B,)
+        step indices, 0 there) whose line names an object: the xy error of the head's position of the
+        first named object, and that object's xy distance from the TCP (the error of a head that
+        always answers "under the TCP"), each (K,) in cm; None if there is no such row.
+
+        Why: the loss averages over all steps, most of them near an object, where the wrist camera
+        sees it and the distances are short; this tells whether the encoder finds the named object
+        in the scene at the start (measured, README: 5-11 cm per coordinate against 9-14 cm blind)."""
+        if self.last_localisation is None:
+            return None
+        pred, target, named = self.last_localisation
+        rows = (t.to(named.device) == 0) & named[:, 0]
+        if not rows.any():
+            return None
+        to_cm = 100.0 / POS_SCALE
+        error = (pred[rows, 0, :2] - target[rows, 0, :2]).norm(dim=-1) * to_cm
+        return error, target[rows, 0, :2].norm(dim=-1) * to_cm
 
     # ---------------------------------------------------------------- diffusion
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

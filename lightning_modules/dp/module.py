@@ -11,7 +11,9 @@
   (DDIM-10 samples vs recorded chunks, in normalised [-1, 1] action units, on the first
   ``val_sample_batches`` validation batches); with ``model.aux_object_weight`` also
   ``train/object_localisation_loss`` and ``val/object_localisation_loss`` (its part of the loss,
-  unweighted).
+  unweighted), and ``val/first_step_object_error_cm`` beside ``val/first_step_object_distance_cm``:
+  at the validation episodes' first steps, how far (xy) the head puts the first named object from
+  where it is, against how far it is from the TCP (a head that cannot find it does no better).
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ class DiffusionPolicyModule(L.LightningModule):
         if aux is not None:
             self.log(f"{stage}/object_localisation_loss", aux, batch_size=n, sync_dist=stage == "val")
 
+    def _log_first_step_localisation(self, batch: dict) -> None:
+        """``val/first_step_object_error_cm`` and ``val/first_step_object_distance_cm`` (the localisation
+        head at the episodes' first steps; ``DiffusionPolicyModel.first_step_localisation_cm``)."""
+        if self.model.aux_head is None or "t" not in batch:
+            return
+        found = self.model.first_step_localisation_cm(torch.as_tensor(batch["t"]))
+        if found is not None:
+            error, distance = found
+            self.log("val/first_step_object_error_cm", error.mean(), batch_size=len(error), sync_dist=True)
+            self.log("val/first_step_object_distance_cm", distance.mean(), batch_size=len(error), sync_dist=True)
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         self.ema.step(self.model.parameters())
@@ -106,6 +119,7 @@ class DiffusionPolicyModule(L.LightningModule):
         gen = torch.Generator().manual_seed(batch_idx)
         self.log("val/loss", self.model.loss(batch, generator=gen), batch_size=n, sync_dist=True)
         self._log_aux("val", n)
+        self._log_first_step_localisation(batch)
         if batch_idx < self.hparams.val_sample_batches:
             pred = self.model.sample(batch, generator=gen)
             norm = self.model.normalizer.normalize_actions
