@@ -74,7 +74,7 @@ class DiffusionPolicyModule(L.LightningModule):
     def _log_first_step_localisation(self, batch: dict) -> None:
         """``val/first_step_object_error_cm`` and ``val/first_step_object_distance_cm`` (the localisation
         head at the episodes' first steps; ``DiffusionPolicyModel.first_step_localisation_cm``)."""
-        if self.model.aux_head is None or "t" not in batch:
+        if "t" not in batch:
             return
         found = self.model.first_step_localisation_cm(torch.as_tensor(batch["t"]))
         if found is not None:
