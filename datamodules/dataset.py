@@ -26,7 +26,8 @@ A sample is a dict::
 
 With ``load_state=True`` the sample also holds the privileged state keys of
 ``lightning_modules.dp.state.state_sample`` (object poses, sizes, names, the episode's
-``pose_dict``): format version 2 files only.
+``pose_dict``), and ``object_bbox`` (``MAX_OBJECTS``, 4) float32, the objects' base-image pixel
+boxes (``obs/bboxes``, zero-padded): format version 2 files only.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch.utils.data import Dataset
 from configs.errors import ConfigError, MissingInputError
 
 from . import schema
-from lightning_modules.dp.state import state_sample
+from lightning_modules.dp.state import MAX_OBJECTS, state_sample
 
 from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, shifted_labels
 
@@ -161,7 +162,7 @@ class OracleStepDataset(Dataset):
         arrays = self._lowdim.get(key)
         if arrays is None:
             g = self._group(ep)
-            keys = LOWDIM_KEYS + (("obs/object_pose",) if self.load_state else ())
+            keys = LOWDIM_KEYS + (("obs/object_pose", "obs/bboxes") if self.load_state else ())
             arrays = self._lowdim[key] = {k: g[k][:] for k in keys}
         return arrays
 
@@ -217,6 +218,9 @@ class OracleStepDataset(Dataset):
         }
         if self.load_state:
             sample.update(state_sample(ep.objects, ep.sizes, a["obs/object_pose"][t], ep.pose_dict))
+            boxes = np.zeros((MAX_OBJECTS, 4), np.float32)  # base-image pixel boxes (named-object keypoints)
+            boxes[: len(ep.objects)] = a["obs/bboxes"][t]
+            sample["object_bbox"] = torch.from_numpy(boxes)
         if self.load_images:
             g = self._group(ep)
             for k in schema.RGB_KEYS:

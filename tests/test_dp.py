@@ -444,7 +444,7 @@ def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_p
 
     def aux(b):
         with torch.no_grad():
-            _, features, texts = model.eval()._condition(b)
+            _, features, texts, _ = model.eval()._condition(b)
             return float(model.object_localisation_loss(b, features, texts[0]))
 
     # the target: a head whose output is the named object's position relative to the TCP (set

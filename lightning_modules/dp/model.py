@@ -31,6 +31,12 @@ within CPU hours (issue 11: 12.5 % DP+Oracle on L0 after 2.1 h) where a state DP
 positions, learns in minutes; this loss asks the image encoder for those positions directly
 (privileged supervision in training, as in asymmetric actor-critic setups).
 
+Named-object keypoints (``object_keypoint_weight`` > 0, image DP only; not in the paper; see
+``keypoints.py``): the objects the line names in ``get_actor`` are searched for in the base
+camera's stage-1 map by attention, taught by a cross-entropy to their recorded box centres; their
+image and table positions become two more observation tokens (also fed to FiLM). With it,
+``first_step_localisation_cm`` reports the keypoints' table positions.
+
 Text-conditioned image encoders (``image_film``, not in the paper): the mean of each text's token
 states (the instruction's and the cache info's: MiniLM's own sentence pooling), projected to
 ``d_model``, FiLM-modulates every ResNet block of both cameras (``networks.resnet``; RT-1 conditions
@@ -53,6 +59,7 @@ from configs.errors import ConfigError
 
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
+from .keypoints import NamedObjectKeypoints, named_objects
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
 from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, roles_of
 from .text import FrozenTextEncoder
@@ -122,7 +129,7 @@ class DiffusionPolicyModel(nn.Module):
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
                  target_object_offset: bool = False, aux_object_weight: float = 0.0,
-                 image_film: bool = False, proprio_dim: int = PROPRIO_DIM):
+                 image_film: bool = False, object_keypoint_weight: float = 0.0, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -163,9 +170,19 @@ class DiffusionPolicyModel(nn.Module):
             self.film_text = nn.Sequential(nn.Linear(2 * self.text.dim, d_model), nn.Mish())
         self.state = (StateTokens(d_model, self.text.dim, target_object_offset)
                       if observation == "state" else None)
+        self.object_keypoint_weight = float(object_keypoint_weight)
+        self.keypoints = None
+        if self.object_keypoint_weight < 0:
+            raise ConfigError(f"object_keypoint_weight={self.object_keypoint_weight} must be >= 0 (0: off)")
+        if self.object_keypoint_weight > 0:
+            if observation != "rgb" or conditioning == "none":
+                raise ConfigError("object_keypoint_weight is for the image DP (observation rgb) with a conditioning "
+                                  "text that names objects (get_actor); the state DP reads the object poses themselves")
+            base = self.cameras["base_rgb"]
+            self.keypoints = NamedObjectKeypoints(base.map_channels, base.map_strides, self.text.dim, d_model)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
-        n_skip = n_obs + (N_SKIP if self.state is not None else 0)
+        n_skip = n_obs + (N_SKIP if self.state is not None else 0) + (MAX_ROLES if self.keypoints is not None else 0)
         cond_dim = (n_queries + (n_skip if self.obs_skip else 0)) * d_model
         self.unet = ConditionalUnet1D(ACTION_DIM, cond_dim, channels=tuple(unet_channels),
                                       step_embed_dim=step_embed_dim)
@@ -187,25 +204,28 @@ class DiffusionPolicyModel(nn.Module):
         self.register_buffer("loss_weights", loss_weights(self.ddpm, loss_weighting), persistent=False)
 
     # ---------------------------------------------------------------- conditioning
-    def _images(self, rgb: torch.Tensor) -> torch.Tensor:
+    def _images(self, rgb: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, crop, crop) float images and the crop's (row, column) offset in the resized image."""
         x = preprocess_images(rgb, self.image_size)
         c, s = self.crop, self.image_size
         if c == s:
-            return x
+            return x, (0, 0)
         if self.training:  # random crop (Diffusion Policy), a fixed centre crop at test time
             i, j = torch.randint(0, s - c + 1, (2,)).tolist()
         else:
             i = j = (s - c) // 2
-        return x[..., i:i + c, j:j + c]
+        return x[..., i:i + c, j:j + c], (i, j)
 
     def condition(self, batch: dict) -> torch.Tensor:
         """Observation + language tokens -> conditioning vector (B, cond_dim): the pooled
         (B, n_queries * d_model), then with ``obs_skip`` the observation tokens: 4 (rgb: cameras,
-        proprio, suction) or 2 + ``N_SKIP`` (state: proprio, suction, roles 1-2, targets 1-2)."""
+        proprio, suction; 6 with the named-object keypoints) or 2 + ``N_SKIP`` (state: proprio,
+        suction, roles 1-2, targets 1-2)."""
         return self._condition(batch)[0]
 
     def _condition(self, batch: dict):
-        """(conditioning vector, features of the localisation head, conditioning texts or None)."""
+        """(conditioning vector, features of the localisation head, conditioning texts or None,
+        the keypoints' output or None)."""
         proprio = batch["proprio"].float()
         texts = conditioning_texts(self.conditioning, batch)
         if self.text is not None:
@@ -215,10 +235,22 @@ class DiffusionPolicyModel(nn.Module):
         if self.image_film:
             means = [(lang * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1) for lang, mask in encoded]
             film = self.film_text(torch.cat(means, 1))
-        obs = [self.cameras[c](self._images(batch[c]), film) for c in self.cameras]
+        obs, kp = [], None
+        for c in self.cameras:
+            images, offset = self._images(batch[c])
+            if c == "base_rgb" and self.keypoints is not None:
+                feature, maps = self.cameras[c](images, film, maps=True)
+                kp = self.keypoints(maps, offset, self.image_size, [named_objects(t) for t in texts[0]],
+                                    proprio[:, self.tcp_position], self.text)
+            else:
+                feature = self.cameras[c](images, film)
+            obs.append(feature)
         obs += [self.proprio(self.normalizer.normalize_proprio(proprio)), self.suction(batch["suction"].float())]
         tokens = skip = torch.stack(obs, 1) + self.obs_type
         pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if kp is not None:
+            tokens, pad = torch.cat([tokens, kp["tokens"]], 1), torch.cat([pad, ~kp["present"]], 1)
+            skip = torch.cat([skip, kp["tokens"]], 1)
         if self.state is not None:
             state, state_pad, state_skip = self.state(batch, None if texts is None else texts[0],
                                                       proprio[:, self.tcp_position], self.text)
@@ -231,7 +263,7 @@ class DiffusionPolicyModel(nn.Module):
         pooled = self.pool(tokens, pad)
         cond = torch.cat([pooled, skip.flatten(1)], 1) if self.obs_skip else pooled
         features = torch.cat([pooled, *obs[: len(self.cameras)]], 1) if self.aux_head is not None else None
-        return cond, features, texts
+        return cond, features, texts, kp
 
     def object_localisation_loss(self, batch: dict, features: torch.Tensor, instructions: list[str]) -> torch.Tensor:
         """MSE of the head's positions (B, 2, 3) of the objects the instructions name first and
@@ -281,7 +313,7 @@ class DiffusionPolicyModel(nn.Module):
         ``generator`` (CPU) fixes the noise and timesteps, e.g. for a comparable validation loss.
         """
         x0 = self.normalizer.normalize_actions(batch["actions"].float())
-        cond, features, texts = self._condition(batch)
+        cond, features, texts, kp = self._condition(batch)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         t = torch.randint(0, self.ddpm.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
         noisy = self.ddpm.add_noise(x0, noise, t)
@@ -291,7 +323,41 @@ class DiffusionPolicyModel(nn.Module):
             aux = self.object_localisation_loss(batch, features, texts[0])
             self.last_losses["object_localisation"] = aux.detach()  # a tensor: no device sync here
             loss = loss + self.aux_object_weight * aux
+        if kp is not None:
+            heatmap, table = self.keypoint_losses(batch, kp, texts[0])
+            self.last_losses["keypoint_heatmap"] = heatmap.detach()
+            self.last_losses["keypoint_table"] = table.detach()
+            loss = loss + self.object_keypoint_weight * (heatmap + table)
         return loss
+
+    def keypoint_losses(self, batch: dict, kp: dict, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The named-object keypoints' two losses (scalars): the attention's cross-entropy against
+        the named objects' box centres (``object_bbox``, recorded pixels scaled to ``image_size``),
+        and the MSE of their table positions (dm) against ``object_pose``; over the named objects
+        found among the row's ``object_names``. Also keeps the batch for
+        ``first_step_localisation_cm`` (``last_localisation``)."""
+        if "object_bbox" not in batch:
+            raise KeyError("object_keypoint_weight needs the object boxes and poses in the batch (the datamodule's "
+                           "load_state)")
+        boxes, pose = batch["object_bbox"].float(), batch["object_pose"].float()
+        B = boxes.shape[0]
+        centres = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], -1)
+        centres = centres * (self.image_size / batch["base_rgb"].shape[-1])
+        which = torch.zeros(B, MAX_ROLES, pose.shape[1], device=pose.device)
+        for b, names in enumerate(batch["object_names"]):
+            scene = names.split("\n") if names else []
+            for r, name in enumerate(named_objects(instructions[b])):
+                if name in scene:
+                    which[b, r, scene.index(name)] = 1.0
+        known = which.sum(-1) > 0
+        heatmap = self.keypoints.heatmap_loss(kp, which @ centres, known)
+        target_xy = (which @ pose[..., :2]) * POS_SCALE
+        table = (((kp["xy"] - target_xy) ** 2).mean(-1) * known).sum() / known.sum().clamp_min(1)
+        tcp = batch["proprio"].float()[:, self.tcp_position] * POS_SCALE
+        zero = torch.zeros(B, MAX_ROLES, 1, device=pose.device)
+        rel = torch.cat([kp["xy"].detach() - tcp[:, None, :2], zero], -1)
+        self.last_localisation = (rel, torch.cat([target_xy - tcp[:, None, :2], zero], -1), known)
+        return heatmap, table
 
     @torch.no_grad()
     def sample(self, batch: dict, num_inference_steps: int | None = None, sampler: str = "ddim",

@@ -14,6 +14,8 @@
   unweighted), and ``val/first_step_object_error_cm`` beside ``val/first_step_object_distance_cm``:
   at the validation episodes' first steps, how far (xy) the head puts the first named object from
   where it is, against how far it is from the TCP (a head that cannot find it does no better).
+  With ``model.object_keypoint_weight``: ``{train,val}/keypoint_heatmap_loss`` and
+  ``keypoint_table_loss``, and the first-step figures of the keypoints' table positions.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ class DiffusionPolicyModule(L.LightningModule):
         return loss
 
     def _log_aux(self, stage: str, n: int) -> None:
-        """``<stage>/object_localisation_loss`` when the model has that loss (``aux_object_weight``)."""
-        aux = self.model.last_losses.get("object_localisation")
-        if aux is not None:
-            self.log(f"{stage}/object_localisation_loss", aux, batch_size=n, sync_dist=stage == "val")
+        """``<stage>/<part>_loss`` of each auxiliary loss the model has: ``object_localisation``
+        (``aux_object_weight``), ``keypoint_heatmap`` and ``keypoint_table`` (``object_keypoint_weight``)."""
+        for part, value in self.model.last_losses.items():
+            self.log(f"{stage}/{part}_loss", value, batch_size=n, sync_dist=stage == "val")
 
     def _log_first_step_localisation(self, batch: dict) -> None:
         """``val/first_step_object_error_cm`` and ``val/first_step_object_distance_cm`` (the localisation

@@ -148,8 +148,7 @@ class StateTokens(nn.Module):
         out = torch.zeros(len(names), M, self.name_proj.in_features, device=device)
         if not unique:
             return out
-        tokens, m = text_encoder.encode(unique)
-        vec = (tokens * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        vec = text_encoder.mean_embeddings(unique)
         index = {n: i for i, n in enumerate(unique)}
         for b, ns in enumerate(names):
             for j, n in enumerate(ns):

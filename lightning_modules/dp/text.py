@@ -83,3 +83,8 @@ class FrozenTextEncoder:
                 mask[i, : len(s)] = True
         return tokens, mask
 
+
+    def mean_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """(N, dim): each text's token states averaged (MiniLM's own sentence pooling); zeros for ''."""
+        tokens, mask = self.encode(texts)
+        return (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)

@@ -104,11 +104,22 @@ class ResNet18GN(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
         self.film_dim = int(film_dim)
+        # the maps ``forward(..., maps=True)`` returns: the ends of stages 1-3, finest first
+        first = 4 if maxpool else 2
+        self.map_channels = (w, 2 * w, 4 * w)
+        self.map_strides = (first, 2 * first, 4 * first)
 
-    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, film: torch.Tensor | None = None, maps: bool = False):
+        """The feature (B, out_dim); with ``maps`` also the stage 1-3 outputs [(B, C_k, H / s_k,
+        W / s_k)] (channels ``map_channels``, strides ``map_strides``), for a finer search than the
+        last map's."""
         if (film is None) != (self.film_dim == 0):
             raise ValueError(f"ResNet18GN(film_dim={self.film_dim}) got {'no' if film is None else 'a'} film vector")
         x = self.stem((images - self.mean) / self.std)
-        for block in self.stages:
+        stage_ends = []
+        for i, block in enumerate(self.stages):
             x = block(x, film)
-        return self.head(self.keypoints(x) if self.keypoints is not None else x.mean(dim=(2, 3)))
+            if i in (1, 3, 5):
+                stage_ends.append(x)
+        out = self.head(self.keypoints(x) if self.keypoints is not None else x.mean(dim=(2, 3)))
+        return (out, stage_ends) if maps else out

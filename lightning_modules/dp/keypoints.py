@@ -1,0 +1,120 @@
+"""Named-object keypoints of the image DP (``model.object_keypoint_weight`` > 0; not in the paper).
+
+The objects a code line hands to ``get_actor('...')`` are found in the base camera's image by
+text-conditioned attention over a feature map, and their image positions become observation
+tokens, as the state DP's role tokens give it the named objects' positions (``state.py``).
+
+Why: the image DP did not learn to find the named object within CPU hours. Its spatial-softmax
+keypoints on the last 4x4 map put the first named object 6-8 cm from where it is at an episode's
+start, where the object is 20 cm from the TCP and a pick needs about 1 cm (README, "Measured
+closed-loop success", session 24). Here the search runs on a 28x28 map (2 px cells in a 56 px
+crop, about 2 cm on the table), and it is taught directly: a cross-entropy between its
+attention and a Gaussian around the named object's box centre (``obs/bboxes``, recorded in
+training only), a CenterNet-style dense target that says where, not only how far off.
+
+Per row and role r (the r-th distinct name in the line's ``get_actor`` calls, at most 2)::
+
+    feature map   (B, dim, h, w)   1x1 projections of ResNet stages 1-3, upsampled to stage 1's map
+    query         (B, R, dim)      an MLP of the name's frozen text embedding (its tokens' mean)
+    attention     (B, R, h*w)      softmax over positions of query . features / sqrt(dim)
+    uv            (B, R, 2)        its expected pixel (x, y) in the uncropped image, then in [-1, 1]
+    xy            (B, R, 2)        a learned map of uv to the table (decimetres): the base camera is fixed
+    token         (B, R, d_model)  an MLP of (uv, xy, xy - tcp, 1), zeros where the line names no object
+
+The map to the table is trained by an MSE to the object's recorded position with uv detached, so
+it only reads the attention. A task prompt has no ``get_actor`` calls: a flat DP gets no tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import MAX_ROLES, POS_SCALE
+
+GET_ACTOR = re.compile(r"get_actor\(\s*['\"]([^'\"]+)['\"]\s*\)")
+HEATMAP_SIGMA_PX = 1.5  # the Gaussian target's std in image pixels (objects are 8-11 px across at 64 px)
+TOKEN_FEATURES = 2 + 2 + 2 + 1  # uv, xy, xy - tcp, present
+
+
+def named_objects(text: str) -> list[str]:
+    """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``."""
+    names: list[str] = []
+    for m in GET_ACTOR.finditer(text or ""):
+        if m.group(1) not in names:
+            names.append(m.group(1))
+    return names[:MAX_ROLES]
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Mish(), nn.Linear(hidden, n_out))
+
+
+class NamedObjectKeypoints(nn.Module):
+    """Base-camera feature maps + the line's named objects -> keypoint tokens (see the module docstring)."""
+
+    def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...], text_dim: int,
+                 d_model: int, dim: int = 32):
+        super().__init__()
+        self.stride = stage_strides[0]  # of the finest map, in pixels of the (resized) image
+        self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in stage_channels)
+        self.query = _mlp(text_dim, 2 * dim, dim)
+        self.to_xy = _mlp(2, 64, 2)
+        self.token = _mlp(TOKEN_FEATURES, d_model, d_model)
+        self.dim = dim
+
+    def forward(self, maps: list[torch.Tensor], offset: tuple[int, int], image_size: int, names: list[list[str]],
+                tcp: torch.Tensor, text_encoder) -> dict:
+        """``maps``: ResNet stage outputs, finest first (B, C_k, h_k, w_k); ``offset``: the crop's
+        (row, column) in the resized image of ``image_size`` px; ``names``: each row's named objects;
+        ``tcp`` (B, 3) m. Returns ``tokens`` (B, R, d_model), ``present`` (B, R) bool, ``logits``
+        (B, R, h*w), ``uv`` (B, R, 2) in [-1, 1] of the uncropped image and ``xy`` (B, R, 2) dm."""
+        h, w = maps[0].shape[-2:]
+        feat = sum(F.interpolate(p(m), size=(h, w), mode="bilinear", align_corners=False) if m.shape[-2:] != (h, w)
+                   else p(m) for p, m in zip(self.proj, maps))
+        B, R = feat.shape[0], MAX_ROLES
+        vec, present = self._name_vectors(names, text_encoder, feat.device)
+        q = self.query(vec)  # (B, R, dim)
+        logits = torch.einsum("brd,bdp->brp", q, feat.flatten(2)) * self.dim ** -0.5
+        uv_px = logits.softmax(-1) @ self.pixel_grid(h, w, offset, feat.device)  # (B, R, 2)
+        uv = uv_px / image_size * 2 - 1
+        xy = self.to_xy(uv.detach())
+        rel = xy - tcp[:, None, :2] * POS_SCALE
+        feats = torch.cat([uv, xy, rel, torch.ones(B, R, 1, device=feat.device)], -1) * present[..., None]
+        tokens = self.token(feats) * present[..., None]
+        return {"tokens": tokens, "present": present, "logits": logits, "uv": uv, "xy": xy,
+                "grid": (h, w, offset)}
+
+    def pixel_grid(self, h: int, w: int, offset: tuple[int, int], device) -> torch.Tensor:
+        """(h*w, 2) pixel (x, y) of each cell's centre in the uncropped image."""
+        s = self.stride
+        ys = torch.arange(h, device=device, dtype=torch.float32) * s + (s - 1) / 2 + offset[0]
+        xs = torch.arange(w, device=device, dtype=torch.float32) * s + (s - 1) / 2 + offset[1]
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([xx.flatten(), yy.flatten()], -1)
+
+    def heatmap_loss(self, out: dict, centres_px: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the attention (``out['logits']``) against a Gaussian (std
+        ``HEATMAP_SIGMA_PX``) around each role's box centre ``centres_px`` (B, R, 2) in uncropped
+        pixels, over the roles with ``known`` (B, R) True; 0 if none."""
+        h, w, offset = out["grid"]
+        grid = self.pixel_grid(h, w, offset, centres_px.device)
+        d2 = ((grid[None, None] - centres_px[:, :, None]) ** 2).sum(-1)  # (B, R, h*w)
+        target = (-d2 / (2 * HEATMAP_SIGMA_PX ** 2)).softmax(-1)
+        ce = -(target * out["logits"].log_softmax(-1)).sum(-1)
+        return (ce * known).sum() / known.sum().clamp_min(1)
+
+    def _name_vectors(self, names: list[list[str]], text_encoder, device):
+        vec = torch.zeros(len(names), MAX_ROLES, self.query[0].in_features, device=device)
+        present = torch.zeros(len(names), MAX_ROLES, dtype=torch.bool, device=device)
+        unique = sorted({n for ns in names for n in ns})
+        if unique:
+            means = text_encoder.mean_embeddings(unique)
+            index = {n: i for i, n in enumerate(unique)}
+            for b, ns in enumerate(names):
+                for r, n in enumerate(ns):
+                    vec[b, r], present[b, r] = means[index[n]], True
+        return vec, present

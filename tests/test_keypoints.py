@@ -1,0 +1,159 @@
+"""Named-object keypoints of the image DP (``model.object_keypoint_weight``, ``dp/keypoints.py``).
+
+On a real oracle dataset (real simulator, real boxes), a tiny network and the real MiniLM encoder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from datamodules.dp_datamodule import DiffusionPolicyDataModule
+from lightning_modules.dp.keypoints import NamedObjectKeypoints, named_objects
+from lightning_modules.dp.module import DiffusionPolicyModule
+from policies.diffusion_policy import DiffusionPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["PlaceOnTop", "Push"]
+TINY = dict(horizon=16, image_size=32, crop_ratio=1.0, resnet_width=8, image_pool="avg", d_model=64, n_heads=2,
+            pool_blocks=1, unet_channels=[32, 64, 128], step_embed_dim=32, text_encoder="minilm",
+            conditioning="code", loss_weighting="uniform", object_keypoint_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def data(oracle_data):
+    return oracle_data(TASKS, 3)
+
+
+def test_named_objects_are_the_distinct_get_actor_names_in_order():
+    assert named_objects("place(get_actor('red cube'), get_actor('blue cylinder'))") == ["red cube", "blue cylinder"]
+    assert named_objects("move3d(get_actor('red cube'))\n# pick(get_actor(\"red cube\"))") == ["red cube"]
+    assert named_objects("push(get_actor('a b'), pose_dict['goal'])") == ["a b"]  # a pose key is not an object
+    assert named_objects("f(get_actor('a'), get_actor('b'), get_actor('c'))") == ["a", "b"]
+    assert named_objects("Place the red cube on top of the blue cylinder.") == []  # a task prompt
+    assert named_objects("") == [] and named_objects("done()") == []
+
+
+def test_pixel_grid_follows_the_crop_and_the_heatmap_loss_is_least_at_the_box_centre():
+    kp = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8)
+    grid = kp.pixel_grid(3, 4, (5, 7), "cpu").view(3, 4, 2)
+    assert grid[0, 0].tolist() == [0.5 + 7, 0.5 + 5]  # (x, y) of the first cell: its centre plus the offset
+    assert grid[2, 3].tolist() == [6.5 + 7, 4.5 + 5]
+    out = {"grid": (3, 4, (5, 7))}
+    centre = grid[1, 2].view(1, 1, 2)
+    known = torch.tensor([[True]])
+
+    def loss(peak):
+        logits = torch.full((1, 1, 12), -10.0)
+        logits[0, 0, peak] = 10.0
+        return float(kp.heatmap_loss(dict(out, logits=logits), centre, known))
+
+    at = loss(1 * 4 + 2)
+    assert at < loss(1 * 4 + 3) < loss(0 * 4 + 0)  # the nearer the peak, the lower
+    assert float(kp.heatmap_loss(dict(out, logits=torch.zeros(1, 1, 12)), centre, ~known)) == 0.0  # nothing named
+
+
+def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_path):
+    """Training lowers the heatmap loss, the attention's expected pixel ends near the named
+    object's box centre, and it comes from the image: another scene's images put it far off."""
+    torch.manual_seed(0)
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, val_fraction=0.25,
+                                   load_state=True)
+    module = DiffusionPolicyModule(model=TINY, optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+    module.set_stats(dm.stats())
+    dm.setup()
+    model = module.model
+    n = len(dm.train_set)
+    batch = torch.utils.data.default_collate([dm.train_set[i * n // 32] for i in range(32)])
+    assert batch["object_bbox"].shape == (32, 4, 4)
+
+    def pixel_error(b):
+        """Mean distance (px) between the role-1 attention's expected pixel and the box centre."""
+        with torch.no_grad():
+            _, _, texts, kp = model.eval()._condition(b)
+            model.keypoint_losses(b, kp, texts[0])
+        errors = []
+        for i in range(len(texts[0])):
+            names, scene = named_objects(texts[0][i]), b["object_names"][i].split("\n")
+            if names and names[0] in scene:
+                box = b["object_bbox"][i, scene.index(names[0])]
+                centre = torch.stack([box[0] + box[2], box[1] + box[3]]) / 2
+                uv_px = (kp["uv"][i, 0] + 1) / 2 * model.image_size
+                errors.append(float((uv_px - centre).norm()))
+        return float(np.mean(errors))
+
+    def heatmap(b):
+        with torch.no_grad():
+            _, _, texts, kp = model.eval()._condition(b)
+            return float(model.keypoint_losses(b, kp, texts[0])[0])
+
+    loss0, err0 = heatmap(batch), pixel_error(batch)
+    model.train()
+    L.Trainer(max_steps=300, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+              limit_val_batches=0, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    module.swap_in_ema()
+    loss1, err1 = heatmap(batch), pixel_error(batch)
+    other = dict(batch, base_rgb=batch["base_rgb"].roll(16, 0))  # other scenes' base images
+    err_other = pixel_error(other)
+    print(f"heatmap loss {loss0:.2f} -> {loss1:.2f}; pixel error {err0:.1f} -> {err1:.1f} px "
+          f"(other scenes' images {err_other:.1f} px)")
+    assert loss1 < 0.7 * loss0
+    assert err1 < 0.5 * err0 and err1 < 3.0  # 32 px images: objects are 4-6 px across
+    assert err_other > 2 * err1
+    assert {"keypoint_heatmap", "keypoint_table"} <= set(model.last_losses)
+
+
+def test_a_keypoint_policy_acts_from_the_images_alone(data, tmp_path, make_task_env):
+    """At test time the keypoints need no boxes or poses: the line's names and the images."""
+    from envs.tabletop import observation_arrays
+
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, load_state=True)
+    module = DiffusionPolicyModule(model=TINY, optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+    module.set_stats(dm.stats())
+    policy = DiffusionPolicy.from_checkpoint(module.export_policy(tmp_path / "p.pt"))
+    assert policy.model.keypoints is not None
+    obs = observation_arrays(make_task_env("PlaceOnTop", 32).reset(seed=0)[0])
+    a = policy.predict_action_chunk(obs, "pick(get_actor('red cube'))", "None")
+    b = policy.predict_action_chunk(obs, "done()", "None")  # names nothing: no keypoint tokens
+    assert a.shape == b.shape == (16, 7) and np.isfinite(a).all()
+
+
+def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, tmp_path):
+    from configs import cli_config
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ConfigError, match="image DP"):
+        DiffusionPolicyModel(**{**TINY, "observation": "state"})
+    with pytest.raises(ConfigError, match="image DP"):
+        DiffusionPolicyModel(**{**TINY, "conditioning": "none"})
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        DiffusionPolicyModel(**{**TINY, "object_keypoint_weight": -1.0})
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=4, num_workers=0)  # without load_state
+    module = DiffusionPolicyModule(model=TINY, optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+    module.set_stats(dm.stats())
+    dm.setup()
+    with pytest.raises(KeyError, match="load_state"):
+        module.model.loss(next(iter(torch.utils.data.DataLoader(dm.train_set, batch_size=4))))
+    # make train-dp turns load_state on for it, and validation reports the first-step figures
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_dp import build
+
+    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
+                            "model.object_keypoint_weight=1"], {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
+    module, dm = build(cfg)
+    assert dm.load_state and module.model.keypoints is not None and module.model.aux_head is None
+    fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                    limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, datamodule=dm)
+    metrics = fit.callback_metrics
+    assert metrics["val/first_step_object_distance_cm"] > 1.0
+    assert torch.isfinite(metrics["val/first_step_object_error_cm"])
+    assert torch.isfinite(metrics["val/keypoint_heatmap_loss"]) and torch.isfinite(metrics["val/keypoint_table_loss"])
