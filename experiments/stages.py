@@ -77,7 +77,8 @@ def config_defaults(kind: str, preset: str | None = None) -> dict:
 # key changed, and the state DPs, which have no ResNet, were renamed by hand); another value changes
 # the key as any setting does. Add an option here only when that value really changes nothing.
 KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weight": 0.0, "model.image_film": False,
-                            "model.object_keypoint_weight": 0.0}}
+                            "model.object_keypoint_weight": 0.0,
+                            "model.keypoint_memory_names": False}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:

@@ -37,6 +37,14 @@ def test_named_objects_are_the_distinct_get_actor_names_in_order():
     assert named_objects("f(get_actor('a'), get_actor('b'), get_actor('c'))") == ["a", "b"]
     assert named_objects("Place the red cube on top of the blue cylinder.") == []  # a task prompt
     assert named_objects("") == [] and named_objects("done()") == []
+    # with the cache info: the objects of the assignments of the keys the line reads
+    info = ("pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), direction='behind')\n"
+            "pose_dict['goal'] = offset_pose(get_actor('c'), direction='left', distance=0.1)")
+    assert named_objects("move3d(pose_dict['target'])", info) == ["a", "b"]
+    assert named_objects("move3d(pose_dict['target'])") == []
+    assert named_objects("place(get_actor('b'), pose_dict['target'])", info) == ["b", "a"]
+    assert named_objects("push(get_actor('c'), towards=pose_dict['goal'])", info) == ["c"]
+    assert named_objects("move3d(get_actor('c'))", info) == ["c"]  # reads no key
 
 
 def test_pixel_grid_follows_the_crop_and_the_heatmap_loss_is_least_at_the_box_centre():
@@ -76,7 +84,7 @@ def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_pa
         """Mean distance (px) between the role-1 attention's expected pixel and the box centre."""
         with torch.no_grad():
             _, _, texts, kp = model.eval()._condition(b)
-            model.keypoint_losses(b, kp, texts[0])
+            model.keypoint_losses(b, kp, model.keypoint_names(texts))
         errors = []
         for i in range(len(texts[0])):
             names, scene = named_objects(texts[0][i]), b["object_names"][i].split("\n")
@@ -90,7 +98,7 @@ def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_pa
     def heatmap(b):
         with torch.no_grad():
             _, _, texts, kp = model.eval()._condition(b)
-            return float(model.keypoint_losses(b, kp, texts[0])[0])
+            return float(model.keypoint_losses(b, kp, model.keypoint_names(texts))[0])
 
     loss0, err0 = heatmap(batch), pixel_error(batch)
     model.train()

@@ -12,7 +12,9 @@ crop, about 2 cm on the table), and it is taught directly: a cross-entropy betwe
 attention and a Gaussian around the named object's box centre (``obs/bboxes``, recorded in
 training only), a CenterNet-style dense target that says where, not only how far off.
 
-Per row and role r (the r-th distinct name in the line's ``get_actor`` calls, at most 2)::
+Per row and role r (the r-th distinct name in the line's ``get_actor`` calls, at most 2; with
+``keypoint_memory_names``, config ``model.keypoint_memory_names``, then the names in the cache
+info's assignments of the ``pose_dict`` keys the line reads: ``named_objects``)::
 
     feature map   (B, dim, h, w)   1x1 projections of ResNet stages 1-3, upsampled to stage 1's map
     query         (B, R, dim)      an MLP of the name's frozen text embedding (its tokens' mean)
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
+
 from .state import MAX_ROLES, POS_SCALE
 
 GET_ACTOR = re.compile(r"get_actor\(\s*['\"]([^'\"]+)['\"]\s*\)")
@@ -40,12 +44,21 @@ HEATMAP_SIGMA_PX = 1.5  # the Gaussian target's std in image pixels (objects are
 TOKEN_FEATURES = 2 + 2 + 2 + 1  # uv, xy, xy - tcp, present
 
 
-def named_objects(text: str) -> list[str]:
-    """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``."""
+def named_objects(text: str, memory_info: str | None = None) -> list[str]:
+    """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``. With
+    ``memory_info`` (the cache info: the memory's ``pose_dict`` assignments) then also the names in
+    the assignments of the keys the line reads: for ``move3d(pose_dict['target'])`` after
+    ``pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), ...)``, a and b."""
     names: list[str] = []
     for m in GET_ACTOR.finditer(text or ""):
         if m.group(1) not in names:
             names.append(m.group(1))
+    if memory_info:
+        reads = {m.group(2) for m in POSE_DICT_READ.finditer(text or "")}
+        for line in memory_info.splitlines():
+            key = POSE_DICT_READ.match(line.strip())
+            if key and key.group(2) in reads and POSE_DICT_ASSIGNMENT.match(line):
+                names += [n for n in named_objects(line) if n not in names]
     return names[:MAX_ROLES]
 
 

@@ -129,7 +129,8 @@ class DiffusionPolicyModel(nn.Module):
                  step_embed_dim: int = 64, text_encoder: str = "minilm", text_encoder_name: str | None = None,
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
                  target_object_offset: bool = False, aux_object_weight: float = 0.0,
-                 image_film: bool = False, object_keypoint_weight: float = 0.0, proprio_dim: int = PROPRIO_DIM):
+                 image_film: bool = False, object_keypoint_weight: float = 0.0,
+                 keypoint_memory_names: bool = False, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -171,6 +172,7 @@ class DiffusionPolicyModel(nn.Module):
         self.state = (StateTokens(d_model, self.text.dim, target_object_offset)
                       if observation == "state" else None)
         self.object_keypoint_weight = float(object_keypoint_weight)
+        self.keypoint_memory_names = bool(keypoint_memory_names)
         self.keypoints = None
         if self.object_keypoint_weight < 0:
             raise ConfigError(f"object_keypoint_weight={self.object_keypoint_weight} must be >= 0 (0: off)")
@@ -240,7 +242,7 @@ class DiffusionPolicyModel(nn.Module):
             images, offset = self._images(batch[c])
             if c == "base_rgb" and self.keypoints is not None:
                 feature, maps = self.cameras[c](images, film, maps=True)
-                kp = self.keypoints(maps, offset, self.image_size, [named_objects(t) for t in texts[0]],
+                kp = self.keypoints(maps, offset, self.image_size, self.keypoint_names(texts),
                                     proprio[:, self.tcp_position], self.text)
             else:
                 feature = self.cameras[c](images, film)
@@ -324,13 +326,19 @@ class DiffusionPolicyModel(nn.Module):
             self.last_losses["object_localisation"] = aux.detach()  # a tensor: no device sync here
             loss = loss + self.aux_object_weight * aux
         if kp is not None:
-            heatmap, table = self.keypoint_losses(batch, kp, texts[0])
+            heatmap, table = self.keypoint_losses(batch, kp, self.keypoint_names(texts))
             self.last_losses["keypoint_heatmap"] = heatmap.detach()
             self.last_losses["keypoint_table"] = table.detach()
             loss = loss + self.object_keypoint_weight * (heatmap + table)
         return loss
 
-    def keypoint_losses(self, batch: dict, kp: dict, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def keypoint_names(self, texts: tuple[list[str], list[str]]) -> list[list[str]]:
+        """Each row's objects for the keypoints (``keypoints.named_objects`` of its instruction, with
+        ``keypoint_memory_names`` also of its cache info)."""
+        memory = texts[1] if self.keypoint_memory_names else [None] * len(texts[0])
+        return [named_objects(line, info) for line, info in zip(texts[0], memory)]
+
+    def keypoint_losses(self, batch: dict, kp: dict, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The named-object keypoints' two losses (scalars): the attention's cross-entropy against
         the named objects' box centres (``object_bbox``, recorded pixels scaled to ``image_size``),
         and the MSE of their table positions (dm) against ``object_pose``; over the named objects
@@ -346,7 +354,7 @@ class DiffusionPolicyModel(nn.Module):
         which = torch.zeros(B, MAX_ROLES, pose.shape[1], device=pose.device)
         for b, names in enumerate(batch["object_names"]):
             scene = names.split("\n") if names else []
-            for r, name in enumerate(named_objects(instructions[b])):
+            for r, name in enumerate(names[b]):
                 if name in scene:
                     which[b, r, scene.index(name)] = 1.0
         known = which.sum(-1) > 0
