@@ -118,6 +118,17 @@ def cross_attention(mha: nn.MultiheadAttention, x: torch.Tensor, tokens: torch.T
     return mha.out_proj(heads.reshape(b, n_q, d))
 
 
+def _privileged_loss_on(option: str, weight: float, observation: str, conditioning: str) -> bool:
+    """Whether a loss taught by the recorded objects (weight ``option``) is on; a ConfigError for
+    a negative weight, or for a model whose text names no objects or that reads the poses itself."""
+    if weight < 0:
+        raise ConfigError(f"{option}={weight} must be >= 0 (0: off)")
+    if weight > 0 and (observation != "rgb" or conditioning == "none"):
+        raise ConfigError(f"{option} is for the image DP (observation rgb) with a conditioning text that names "
+                          "objects; the state DP reads the object poses themselves")
+    return weight > 0
+
+
 class DiffusionPolicyModel(nn.Module):
     """Noise-prediction network + normaliser + schedules; ``loss`` for training, ``sample`` to act."""
 
@@ -174,12 +185,7 @@ class DiffusionPolicyModel(nn.Module):
         self.object_keypoint_weight = float(object_keypoint_weight)
         self.keypoint_memory_names = bool(keypoint_memory_names)
         self.keypoints = None
-        if self.object_keypoint_weight < 0:
-            raise ConfigError(f"object_keypoint_weight={self.object_keypoint_weight} must be >= 0 (0: off)")
-        if self.object_keypoint_weight > 0:
-            if observation != "rgb" or conditioning == "none":
-                raise ConfigError("object_keypoint_weight is for the image DP (observation rgb) with a conditioning "
-                                  "text that names objects (get_actor); the state DP reads the object poses themselves")
+        if _privileged_loss_on("object_keypoint_weight", self.object_keypoint_weight, observation, conditioning):
             base = self.cameras["base_rgb"]
             self.keypoints = NamedObjectKeypoints(base.map_channels, base.map_strides, self.text.dim, d_model)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
@@ -190,12 +196,7 @@ class DiffusionPolicyModel(nn.Module):
                                       step_embed_dim=step_embed_dim)
         self.aux_object_weight = float(aux_object_weight)
         self.aux_head = None
-        if self.aux_object_weight < 0:
-            raise ConfigError(f"aux_object_weight={self.aux_object_weight} must be >= 0 (0: off)")
-        if self.aux_object_weight > 0:
-            if observation != "rgb" or conditioning == "none":
-                raise ConfigError("aux_object_weight is for the image DP (observation rgb) with a conditioning "
-                                  "text that names objects; the state DP reads the object poses themselves")
+        if _privileged_loss_on("aux_object_weight", self.aux_object_weight, observation, conditioning):
             # reads the pooled vector (where the text says which objects) and the camera tokens
             # (a direct path into the image encoders, which the pooling may learn to bypass)
             self.aux_head = nn.Sequential(nn.Linear((n_queries + len(cameras)) * d_model, d_model), nn.Mish(),
