@@ -117,6 +117,35 @@ def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_pa
     assert {"keypoint_heatmap", "keypoint_table"} <= set(model.last_losses)
 
 
+def test_memory_names_give_a_pose_dict_line_its_objects_and_targets(data):
+    """With keypoint_memory_names a line that names no object but reads a pose_dict key gets the
+    objects of its assignment in the cache info: as queries and as the losses' targets."""
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=4, num_workers=0, load_state=True)
+    module = DiffusionPolicyModule(model={**TINY, "keypoint_memory_names": True},
+                                   optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+    module.set_stats(dm.stats())
+    dm.setup()
+    model = module.model.eval()
+    batch = next(iter(torch.utils.data.DataLoader(dm.train_set, batch_size=2)))
+    scene = batch["object_names"][0].split("\n")
+    batch["instruction"] = ["move3d(pose_dict['target'])"] * 2
+    batch["cache_info"] = [f"pose_dict['target'] = free_space_next_to(get_actor('{scene[0]}'), "
+                           f"get_actor('{scene[1]}'), direction='behind')", "None"]
+
+    def losses():
+        with torch.no_grad():
+            _, _, texts, kp = model._condition(batch)
+            heatmap, _ = model.keypoint_losses(batch, kp, model.keypoint_names(texts))
+        return kp["present"], model.last_localisation[2], float(heatmap)
+
+    present, known, heatmap = losses()
+    assert present.tolist() == [[True, True], [False, False]] and known.tolist() == present.tolist()
+    assert heatmap > 0
+    model.keypoint_memory_names = False  # the line alone names nothing
+    present, known, heatmap = losses()
+    assert not present.any() and not known.any() and heatmap == 0.0
+
+
 def test_a_keypoint_policy_acts_from_the_images_alone(data, tmp_path, make_task_env):
     """At test time the keypoints need no boxes or poses: the line's names and the images."""
     from envs.tabletop import observation_arrays

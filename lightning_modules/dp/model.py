@@ -353,8 +353,8 @@ class DiffusionPolicyModel(nn.Module):
         centres = torch.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2], -1)
         centres = centres * (self.image_size / batch["base_rgb"].shape[-1])
         which = torch.zeros(B, MAX_ROLES, pose.shape[1], device=pose.device)
-        for b, names in enumerate(batch["object_names"]):
-            scene = names.split("\n") if names else []
+        for b, objects in enumerate(batch["object_names"]):
+            scene = objects.split("\n") if objects else []
             for r, name in enumerate(names[b]):
                 if name in scene:
                     which[b, r, scene.index(name)] = 1.0
