@@ -182,10 +182,10 @@ def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from train_dp import build
 
-    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
-                            "model.object_keypoint_weight=1"], {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
+    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb"],  # the preset has them on
+                     {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
     module, dm = build(cfg)
-    assert dm.load_state and module.model.keypoints is not None and module.model.aux_head is None
+    assert dm.load_state and module.model.keypoints is not None
     fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                     enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
                     limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
