@@ -42,6 +42,7 @@ def main() -> None:
     from configs import load_config
     from datamodules.dp_datamodule import DiffusionPolicyDataModule
     from datamodules.generate import small_dataset
+    from lightning_modules.dp.model import reads_recorded_objects
     from lightning_modules.dp.module import DiffusionPolicyModule
 
     steps = 5 if args.quick else args.steps
@@ -50,14 +51,17 @@ def main() -> None:
         data = args.data or small_dataset(tmp, tasks, 4)
         cfg = load_config("dp", ["preset=cpu_rgb"])  # the image DP: images + chunks through the loader
         bs = cfg.data.batch_size
-        dm = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=2, horizon=cfg.model.horizon)
+        state = reads_recorded_objects(cfg.model)  # the preset's keypoints are taught by the recorded boxes
+        dm = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=2, horizon=cfg.model.horizon,
+                                       load_state=state)
         dm.setup()
         loader_rate = samples_per_s(itertools.cycle(dm.train_dataloader()), 4 * steps, bs)
         torch.set_num_threads(1)
         module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": "code"})
         module.set_stats(dm.stats())
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        dm0 = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=0, horizon=cfg.model.horizon)
+        dm0 = DiffusionPolicyDataModule(data, tasks, batch_size=bs, num_workers=0, horizon=cfg.model.horizon,
+                                        load_state=state)
         dm0.setup()
         batches = [b for b, _ in zip(itertools.cycle(dm0.train_dataloader()), range(steps + 1))]
 

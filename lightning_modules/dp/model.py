@@ -118,6 +118,13 @@ def cross_attention(mha: nn.MultiheadAttention, x: torch.Tensor, tokens: torch.T
     return mha.out_proj(heads.reshape(b, n_q, d))
 
 
+def reads_recorded_objects(model: dict) -> bool:
+    """Whether a DP's ``model`` config reads the recorded objects (poses, boxes) in training, i.e.
+    needs the datamodule's ``load_state``: the state observation, or a loss taught by them."""
+    return (model.get("observation", "rgb") == "state" or model.get("aux_object_weight", 0.0) > 0
+            or model.get("object_keypoint_weight", 0.0) > 0)
+
+
 def _privileged_loss_on(option: str, weight: float, observation: str, conditioning: str) -> bool:
     """Whether a loss taught by the recorded objects (weight ``option``) is on; a ConfigError for
     a negative weight, or for a model whose text names no objects or that reads the poses itself."""
