@@ -83,11 +83,10 @@ def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_pa
     def pixel_error(b):
         """Mean distance (px) between the role-1 attention's expected pixel and the box centre."""
         with torch.no_grad():
-            _, _, texts, kp = model.eval()._condition(b)
-            model.keypoint_losses(b, kp, model.keypoint_names(texts))
+            kp = model.eval()._condition(b)[3]
         errors = []
-        for i in range(len(texts[0])):
-            names, scene = named_objects(texts[0][i]), b["object_names"][i].split("\n")
+        for i, names in enumerate(kp["names"]):
+            scene = b["object_names"][i].split("\n")
             if names and names[0] in scene:
                 box = b["object_bbox"][i, scene.index(names[0])]
                 centre = torch.stack([box[0] + box[2], box[1] + box[3]]) / 2
@@ -97,8 +96,7 @@ def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_pa
 
     def heatmap(b):
         with torch.no_grad():
-            _, _, texts, kp = model.eval()._condition(b)
-            return float(model.keypoint_losses(b, kp, model.keypoint_names(texts))[0])
+            return float(model.keypoint_losses(b, model.eval()._condition(b)[3])[0])
 
     loss0, err0 = heatmap(batch), pixel_error(batch)
     model.train()
@@ -134,8 +132,8 @@ def test_memory_names_give_a_pose_dict_line_its_objects_and_targets(data):
 
     def losses():
         with torch.no_grad():
-            _, _, texts, kp = model._condition(batch)
-            heatmap, _ = model.keypoint_losses(batch, kp, model.keypoint_names(texts))
+            kp = model._condition(batch)[3]
+            heatmap, _ = model.keypoint_losses(batch, kp)
         return kp["present"], model.last_localisation[2], float(heatmap)
 
     present, known, heatmap = losses()

@@ -84,7 +84,8 @@ class NamedObjectKeypoints(nn.Module):
         """``maps``: ResNet stage outputs, finest first (B, C_k, h_k, w_k); ``offset``: the crop's
         (row, column) in the resized image of ``image_size`` px; ``names``: each row's named objects;
         ``tcp`` (B, 3) m. Returns ``tokens`` (B, R, d_model), ``present`` (B, R) bool, ``logits``
-        (B, R, h*w), ``uv`` (B, R, 2) in [-1, 1] of the uncropped image and ``xy`` (B, R, 2) dm."""
+        (B, R, h*w), ``uv`` (B, R, 2) in [-1, 1] of the uncropped image, ``xy`` (B, R, 2) dm, and
+        the ``names`` searched for."""
         h, w = maps[0].shape[-2:]
         feat = sum(F.interpolate(p(m), size=(h, w), mode="bilinear", align_corners=False) if m.shape[-2:] != (h, w)
                    else p(m) for p, m in zip(self.proj, maps))
@@ -99,7 +100,7 @@ class NamedObjectKeypoints(nn.Module):
         feats = torch.cat([uv, xy, rel, torch.ones(B, R, 1, device=feat.device)], -1) * present[..., None]
         tokens = self.token(feats) * present[..., None]
         return {"tokens": tokens, "present": present, "logits": logits, "uv": uv, "xy": xy,
-                "grid": (h, w, offset)}
+                "grid": (h, w, offset), "names": names}
 
     def pixel_grid(self, h: int, w: int, offset: tuple[int, int], device) -> torch.Tensor:
         """(h*w, 2) pixel (x, y) of each cell's centre in the uncropped image."""

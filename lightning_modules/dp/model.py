@@ -334,7 +334,7 @@ class DiffusionPolicyModel(nn.Module):
             self.last_losses["object_localisation"] = aux.detach()  # a tensor: no device sync here
             loss = loss + self.aux_object_weight * aux
         if kp is not None:
-            heatmap, table = self.keypoint_losses(batch, kp, self.keypoint_names(texts))
+            heatmap, table = self.keypoint_losses(batch, kp)
             self.last_losses["keypoint_heatmap"] = heatmap.detach()
             self.last_losses["keypoint_table"] = table.detach()
             loss = loss + self.object_keypoint_weight * (heatmap + table)
@@ -346,11 +346,11 @@ class DiffusionPolicyModel(nn.Module):
         memory = texts[1] if self.keypoint_memory_names else [None] * len(texts[0])
         return [named_objects(line, info) for line, info in zip(texts[0], memory)]
 
-    def keypoint_losses(self, batch: dict, kp: dict, names: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def keypoint_losses(self, batch: dict, kp: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The named-object keypoints' two losses (scalars): the attention's cross-entropy against
         the named objects' box centres (``object_bbox``, recorded pixels scaled to ``image_size``),
-        and the MSE of their table positions (dm) against ``object_pose``; over the named objects
-        found among the row's ``object_names``. Also keeps the batch for
+        and the MSE of their table positions (dm) against ``object_pose``; over the objects searched
+        for (``kp['names']``) that are among the row's ``object_names``. Also keeps the batch for
         ``first_step_localisation_cm`` (``last_localisation``)."""
         if "object_bbox" not in batch:
             raise KeyError("object_keypoint_weight needs the object boxes and poses in the batch (the datamodule's "
@@ -362,7 +362,7 @@ class DiffusionPolicyModel(nn.Module):
         which = torch.zeros(B, MAX_ROLES, pose.shape[1], device=pose.device)
         for b, objects in enumerate(batch["object_names"]):
             scene = objects.split("\n") if objects else []
-            for r, name in enumerate(names[b]):
+            for r, name in enumerate(kp["names"][b]):
                 if name in scene:
                     which[b, r, scene.index(name)] = 1.0
         known = which.sum(-1) > 0
