@@ -59,7 +59,7 @@ from configs.errors import ConfigError
 
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
-from .keypoints import NamedObjectKeypoints, named_objects
+from .keypoints import RESTING_TOLERANCE_M, NamedObjectKeypoints, named_objects
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
 from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, roles_of
 from .text import FrozenTextEncoder
@@ -148,7 +148,8 @@ class DiffusionPolicyModel(nn.Module):
                  text_max_length: int = 64, loss_weighting: str = "elbo_clipped", num_inference_steps: int = 10,
                  target_object_offset: bool = False, aux_object_weight: float = 0.0,
                  image_film: bool = False, object_keypoint_weight: float = 0.0,
-                 keypoint_memory_names: bool = False, proprio_dim: int = PROPRIO_DIM):
+                 keypoint_memory_names: bool = False, keypoint_table_resting_only: bool = False,
+                 proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -191,6 +192,7 @@ class DiffusionPolicyModel(nn.Module):
                       if observation == "state" else None)
         self.object_keypoint_weight = float(object_keypoint_weight)
         self.keypoint_memory_names = bool(keypoint_memory_names)
+        self.keypoint_table_resting_only = bool(keypoint_table_resting_only)
         self.keypoints = None
         if _privileged_loss_on("object_keypoint_weight", self.object_keypoint_weight, observation, conditioning):
             base = self.cameras["base_rgb"]
@@ -350,7 +352,9 @@ class DiffusionPolicyModel(nn.Module):
         """The named-object keypoints' two losses (scalars): the attention's cross-entropy against
         the named objects' box centres (``object_bbox``, recorded pixels scaled to ``image_size``),
         and the MSE of their table positions (dm) against ``object_pose``; over the objects searched
-        for (``kp['names']``) that are among the row's ``object_names``. Also keeps the batch for
+        for (``kp['names']``) that are among the row's ``object_names`` (the MSE, with
+        ``keypoint_table_resting_only``, only over those that rest on the table: centre at most
+        ``RESTING_TOLERANCE_M`` above half their height, so neither lifted nor stacked). Also keeps the batch for
         ``first_step_localisation_cm`` (``last_localisation``)."""
         if "object_bbox" not in batch:
             raise KeyError("object_keypoint_weight needs the object boxes and poses in the batch (the datamodule's "
@@ -368,7 +372,11 @@ class DiffusionPolicyModel(nn.Module):
         known = which.sum(-1) > 0
         heatmap = self.keypoints.heatmap_loss(kp, which @ centres, known)
         target_xy = (which @ pose[..., :2]) * POS_SCALE
-        table = (((kp["xy"] - target_xy) ** 2).mean(-1) * known).sum() / known.sum().clamp_min(1)
+        on_table = known
+        if self.keypoint_table_resting_only:  # the pixel-to-table map is a map of the table plane: teach it there
+            resting = pose[..., 2] <= batch["object_size"].float()[..., 0] / 2 + RESTING_TOLERANCE_M  # (B, N)
+            on_table = known & ((which @ resting.float().unsqueeze(-1)).squeeze(-1) > 0)
+        table = (((kp["xy"] - target_xy) ** 2).mean(-1) * on_table).sum() / on_table.sum().clamp_min(1)
         tcp = batch["proprio"].float()[:, self.tcp_position] * POS_SCALE
         zero = torch.zeros(B, MAX_ROLES, 1, device=pose.device)
         rel = torch.cat([kp["xy"].detach() - tcp[:, None, :2], zero], -1)
