@@ -74,9 +74,12 @@ class NamedObjectKeypoints(nn.Module):
     """Base-camera feature maps + the line's named objects -> keypoint tokens (see the module docstring)."""
 
     def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...], text_dim: int,
-                 d_model: int, dim: int = 32):
+                 d_model: int, dim: int = 32, peak_window: int = 0):
         super().__init__()
         self.stride = stage_strides[0]  # of the finest map, in pixels of the (resized) image
+        self.peak_window = int(peak_window)
+        if self.peak_window < 0:
+            raise ValueError(f"keypoint_peak_window={self.peak_window} must be >= 0 (0: the whole map)")
         self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in stage_channels)
         self.query = _mlp(text_dim, 2 * dim, dim)
         self.to_xy = _mlp(2, 64, 2)
@@ -97,7 +100,7 @@ class NamedObjectKeypoints(nn.Module):
         vec, present = self._name_vectors(names, text_encoder, feat.device)
         q = self.query(vec)  # (B, R, dim)
         logits = torch.einsum("brd,bdp->brp", q, feat.flatten(2)) * self.dim ** -0.5
-        uv_px = logits.softmax(-1) @ self.pixel_grid(h, w, offset, feat.device)  # (B, R, 2)
+        uv_px = self.attention(logits, h, w) @ self.pixel_grid(h, w, offset, feat.device)  # (B, R, 2)
         uv = uv_px / image_size * 2 - 1
         xy = self.to_xy(uv.detach())
         rel = xy - tcp[:, None, :2] * POS_SCALE
@@ -105,6 +108,20 @@ class NamedObjectKeypoints(nn.Module):
         tokens = self.token(feats) * present[..., None]
         return {"tokens": tokens, "present": present, "logits": logits, "uv": uv, "xy": xy,
                 "grid": (h, w, offset), "names": names}
+
+    def attention(self, logits: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, R, h*w) weights of the expected pixel: the softmax over the whole map, or with
+        ``peak_window`` k > 0 only over the (2k+1)^2 cells around its peak cell (a soft-argmax of
+        the mode: an attention split between two like objects, e.g. a red triangle and a red
+        hexagon, then points at one of them instead of between them)."""
+        if not self.peak_window:
+            return logits.softmax(-1)
+        peak = logits.argmax(-1)  # (B, R)
+        rows = torch.arange(h * w, device=logits.device) // w
+        cols = torch.arange(h * w, device=logits.device) % w
+        near = (((rows - (peak // w)[..., None]).abs() <= self.peak_window)
+                & ((cols - (peak % w)[..., None]).abs() <= self.peak_window))
+        return logits.masked_fill(~near, float("-inf")).softmax(-1)
 
     def pixel_grid(self, h: int, w: int, offset: tuple[int, int], device) -> torch.Tensor:
         """(h*w, 2) pixel (x, y) of each cell's centre in the uncropped image."""
