@@ -54,3 +54,25 @@ def oracle_data(tmp_path_factory):
         return _DATASETS[key]
 
     return get
+
+
+@pytest.fixture
+def train_dp_one_step(tmp_path):
+    """``make train-dp``'s build from its command-line words (``DATA=...``, ``key=value``), then
+    one training step and one validation batch on CPU: returns (module, datamodule, the
+    Trainer's callback metrics)."""
+    import lightning as L
+
+    def run(words: list[str]):
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from configs import cli_config
+        from train_dp import build
+
+        module, dm = build(cli_config("dp", words, {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"}))
+        fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                        limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
+        fit.fit(module, datamodule=dm)
+        return module, dm, fit.callback_metrics
+
+    return run

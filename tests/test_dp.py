@@ -486,7 +486,7 @@ def test_object_localisation_loss_learns_where_the_named_objects_are(data, tmp_p
     assert "object_localisation" in model.last_losses
 
 
-def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data, tmp_path):
+def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data, train_dp_one_step):
     from configs.errors import ConfigError
     from lightning_modules.dp.model import DiffusionPolicyModel
 
@@ -497,21 +497,10 @@ def test_object_localisation_loss_is_for_the_image_dp_and_needs_the_poses(data, 
     module, dm = make(data, aux_object_weight=1.0)  # the datamodule without load_state
     with pytest.raises(KeyError, match="load_state"):
         module.model.loss(first_batch(dm, 4))
-    # make train-dp turns load_state on for it
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from configs import cli_config
-    from train_dp import build
-
-    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb", "model.aux_object_weight=1"],
-                     {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
-    module, dm = build(cfg)
+    # make train-dp turns load_state on for it; its validation reports the head at the episodes'
+    # first steps (the first validation batch starts at an episode's first step)
+    module, dm, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
+                                             "model.aux_object_weight=1"])
     assert dm.load_state and module.model.aux_head is not None
-    # its validation reports the head at the episodes' first steps (the first validation batch
-    # starts at an episode's first step)
-    fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
-                    limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
-    fit.fit(module, datamodule=dm)
-    metrics = fit.callback_metrics
     assert metrics["val/first_step_object_distance_cm"] > 1.0  # objects start away from the TCP
     assert torch.isfinite(metrics["val/first_step_object_error_cm"])

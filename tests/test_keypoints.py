@@ -5,9 +5,6 @@ On a real oracle dataset (real simulator, real boxes), a tiny network and the re
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import pytest
@@ -18,7 +15,6 @@ from lightning_modules.dp.keypoints import NamedObjectKeypoints, named_objects
 from lightning_modules.dp.module import DiffusionPolicyModule
 from policies.diffusion_policy import DiffusionPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["PlaceOnTop", "Push"]
 TINY = dict(horizon=16, image_size=32, crop_ratio=1.0, resnet_width=8, image_pool="avg", d_model=64, n_heads=2,
             pool_blocks=1, unet_channels=[32, 64, 128], step_embed_dim=32, text_encoder="minilm",
@@ -64,6 +60,49 @@ def test_pixel_grid_follows_the_crop_and_the_heatmap_loss_is_least_at_the_box_ce
     at = loss(1 * 4 + 2)
     assert at < loss(1 * 4 + 3) < loss(0 * 4 + 0)  # the nearer the peak, the lower
     assert float(kp.heatmap_loss(dict(out, logits=torch.zeros(1, 1, 12)), centre, ~known)) == 0.0  # nothing named
+
+
+def test_peak_window_points_at_the_stronger_of_two_like_objects():
+    """The whole map's expected pixel of an attention split between two objects lies between
+    them; with ``peak_window`` it is the stronger one's. A single peak gives the same pixel."""
+    whole = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8)
+    peak = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8, peak_window=1)
+    grid = whole.pixel_grid(6, 6, (0, 0), "cpu")
+    logits = torch.full((1, 1, 36), -10.0)
+    logits[0, 0, 1 * 6 + 1], logits[0, 0, 4 * 6 + 4] = 5.0, 4.8  # a red triangle and a red hexagon
+    mean = (whole.attention(logits, 6, 6) @ grid)[0, 0]
+    mode = (peak.attention(logits, 6, 6) @ grid)[0, 0]
+    assert (mode - grid[7]).norm() < 0.01
+    assert (mean - grid[7]).norm() > 2.0 and (mean - grid[28]).norm() > 2.0
+    logits[0, 0, 4 * 6 + 4] = -10.0  # one object
+    assert torch.allclose(whole.attention(logits, 6, 6) @ grid, peak.attention(logits, 6, 6) @ grid, atol=1e-3)
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ConfigError, match=">= 0"):
+        DiffusionPolicyModel(**{**TINY, "keypoint_peak_window": -1})
+
+
+def test_table_map_resting_only_is_taught_only_where_the_named_object_rests(data):
+    """With ``keypoint_table_resting_only`` the table MSE counts the named objects that rest on
+    the table: lifted by 10 cm, they give it nothing; without the option they still count."""
+    torch.manual_seed(0)
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, load_state=True)
+    losses = {}
+    for resting_only in (False, True):
+        module = DiffusionPolicyModule(model={**TINY, "keypoint_table_resting_only": resting_only},
+                                       optim={"lr": 1e-3, "warmup_steps": 10}, n_action_steps=8)
+        module.set_stats(dm.stats())
+        dm.setup()
+        n = len(dm.train_set)
+        batch = torch.utils.data.default_collate([dm.train_set[i * n // 16] for i in range(16)])
+        model = module.model.eval()
+        with torch.no_grad():
+            kp = model._condition(batch)[3]
+            lifted = dict(batch, object_pose=batch["object_pose"] + torch.tensor([0, 0, 0.1, 0, 0, 0, 0]))
+            losses[resting_only] = [float(model.keypoint_losses(b, kp)[1]) for b in (batch, lifted)]
+    assert losses[True][0] > 0 and losses[False][0] > 0 and losses[False][1] > 0
+    assert losses[True][1] == 0.0
 
 
 def test_keypoints_learn_to_find_the_named_object_in_the_base_image(data, tmp_path):
@@ -159,8 +198,7 @@ def test_a_keypoint_policy_acts_from_the_images_alone(data, tmp_path, make_task_
     assert a.shape == b.shape == (16, 7) and np.isfinite(a).all()
 
 
-def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, tmp_path):
-    from configs import cli_config
+def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, train_dp_one_step):
     from configs.errors import ConfigError
     from lightning_modules.dp.model import DiffusionPolicyModel
 
@@ -177,18 +215,8 @@ def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, tmp_path):
     with pytest.raises(KeyError, match="load_state"):
         module.model.loss(next(iter(torch.utils.data.DataLoader(dm.train_set, batch_size=4))))
     # make train-dp turns load_state on for it, and validation reports the first-step figures
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_dp import build
-
-    cfg = cli_config("dp", [f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb"],  # the preset has them on
-                     {"DATA": "data_dir", "DATASET": "tasks", "PRESET": "preset"})
-    module, dm = build(cfg)
+    module, dm, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb"])  # preset: on
     assert dm.load_state and module.model.keypoints is not None
-    fit = L.Trainer(max_steps=1, max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
-                    limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
-    fit.fit(module, datamodule=dm)
-    metrics = fit.callback_metrics
     assert metrics["val/first_step_object_distance_cm"] > 1.0
     assert torch.isfinite(metrics["val/first_step_object_error_cm"])
     assert torch.isfinite(metrics["val/keypoint_heatmap_loss"]) and torch.isfinite(metrics["val/keypoint_table_loss"])

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.errors import ConfigError
 from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
 
-from .state import MAX_ROLES, POS_SCALE
+from .state import MAX_ROLES, POS_SCALE, mlp
 
 GET_ACTOR = re.compile(r"get_actor\(\s*['\"]([^'\"]+)['\"]\s*\)")
 HEATMAP_SIGMA_PX = 1.5  # the Gaussian target's std in image pixels (objects are 8-11 px across at 64 px)
@@ -66,10 +67,6 @@ def named_objects(text: str, memory_info: str | None = None) -> list[str]:
     return names[:MAX_ROLES]
 
 
-def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.Mish(), nn.Linear(hidden, n_out))
-
-
 class NamedObjectKeypoints(nn.Module):
     """Base-camera feature maps + the line's named objects -> keypoint tokens (see the module docstring)."""
 
@@ -79,11 +76,11 @@ class NamedObjectKeypoints(nn.Module):
         self.stride = stage_strides[0]  # of the finest map, in pixels of the (resized) image
         self.peak_window = int(peak_window)
         if self.peak_window < 0:
-            raise ValueError(f"keypoint_peak_window={self.peak_window} must be >= 0 (0: the whole map)")
+            raise ConfigError(f"keypoint_peak_window={self.peak_window} must be >= 0 (0: the whole map)")
         self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in stage_channels)
-        self.query = _mlp(text_dim, 2 * dim, dim)
-        self.to_xy = _mlp(2, 64, 2)
-        self.token = _mlp(TOKEN_FEATURES, d_model, d_model)
+        self.query = mlp(text_dim, 2 * dim, dim)
+        self.to_xy = mlp(2, 64, 2)
+        self.token = mlp(TOKEN_FEATURES, d_model, d_model)
         self.dim = dim
 
     def forward(self, maps: list[torch.Tensor], offset: tuple[int, int], image_size: int, names: list[list[str]],

@@ -96,8 +96,10 @@ def state_sample(names: list[str], sizes, object_pose, pose_dict: dict) -> dict:
             "pose_keys": "\n".join(keys), "pose_values": torch.from_numpy(values)}
 
 
-def _mlp(n_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, d), nn.Mish(), nn.Linear(d, d))
+def mlp(n_in: int, hidden: int, n_out: int | None = None) -> nn.Sequential:
+    """Linear -> Mish -> Linear, ``n_in`` -> ``hidden`` -> ``n_out`` (default ``hidden``): the
+    small heads of the state tokens and of the keypoints (``keypoints.py``)."""
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Mish(), nn.Linear(hidden, hidden if n_out is None else n_out))
 
 
 class StateTokens(nn.Module):
@@ -106,10 +108,10 @@ class StateTokens(nn.Module):
     def __init__(self, d_model: int, text_dim: int, object_offset: bool = False):
         super().__init__()
         self.object_offset = bool(object_offset)
-        self.objects = _mlp(OBJECT_FEATURES, d_model)
+        self.objects = mlp(OBJECT_FEATURES, d_model)
         self.name_proj = nn.Linear(text_dim, d_model)
         self.role = nn.Embedding(MAX_ROLES + 1, d_model)
-        self.targets = _mlp(TARGET_FEATURES if object_offset else BASE_TARGET_FEATURES, d_model)
+        self.targets = mlp(TARGET_FEATURES if object_offset else BASE_TARGET_FEATURES, d_model)
         self.target_type = nn.Parameter(torch.randn(MAX_TARGETS, d_model) * 0.02)
 
     def forward(self, batch: dict, texts: list[str] | None, tcp: torch.Tensor, text_encoder):
