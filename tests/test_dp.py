@@ -392,6 +392,30 @@ def test_spatial_softmax_refuses_images_too_small_for_it():
     DiffusionPolicyModel(**{**TINY, "image_pool": "spatial_softmax", "resnet_maxpool": False})
 
 
+def test_random_shift_shifts_the_whole_image_in_training_and_keeps_it_at_test_time():
+    """model.random_shift: training images are the image shifted by up to the crop's margin
+    (edge pixels repeated), with that offset; test images are the whole image at offset 0. The
+    default crops instead (a 28 px centre crop of 32 px at test time)."""
+    from lightning_modules.dp.model import DiffusionPolicyModel
+    from lightning_modules.dp.processor import preprocess_images
+
+    torch.manual_seed(0)
+    rgb = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    full = preprocess_images(rgb, 32)
+    model = DiffusionPolicyModel(**{**TINY, "crop_ratio": 0.875, "random_shift": True})
+    offsets = set()
+    for _ in range(20):
+        x, (i, j) = model.train()._images(rgb)
+        assert x.shape == (2, 3, 32, 32) and -2 <= i <= 2 and -2 <= j <= 2
+        offsets.add((i, j))
+        assert torch.equal(x[..., 2:30, 2:30], full[..., 2 + i:30 + i, 2 + j:30 + j])  # the image, shifted
+    assert len(offsets) > 5
+    x, offset = model.eval()._images(rgb)
+    assert offset == (0, 0) and torch.equal(x, full)
+    x, offset = DiffusionPolicyModel(**{**TINY, "crop_ratio": 0.875}).eval()._images(rgb)
+    assert x.shape[-1] == 28 and offset == (2, 2)
+
+
 def test_image_film_makes_the_camera_features_depend_on_the_code_line(data):
     """model.image_film: the cameras' ResNets are FiLM-conditioned on the conditioning texts. At
     initialisation they are the plain ResNets; once the FiLM weights are not zero, the same images

@@ -64,9 +64,10 @@ def test_pixel_grid_follows_the_crop_and_the_heatmap_loss_is_least_at_the_box_ce
 
 def test_peak_window_points_at_the_stronger_of_two_like_objects():
     """The whole map's expected pixel of an attention split between two objects lies between
-    them; with ``peak_window`` it is the stronger one's. A single peak gives the same pixel."""
+    them; with ``peak_window`` (at test time) it is the stronger one's. A single peak gives the
+    same pixel."""
     whole = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8)
-    peak = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8, peak_window=1)
+    peak = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8, peak_window=1).eval()
     grid = whole.pixel_grid(6, 6, (0, 0), "cpu")
     logits = torch.full((1, 1, 36), -10.0)
     logits[0, 0, 1 * 6 + 1], logits[0, 0, 4 * 6 + 4] = 5.0, 4.8  # a red triangle and a red hexagon
@@ -74,6 +75,8 @@ def test_peak_window_points_at_the_stronger_of_two_like_objects():
     mode = (peak.attention(logits, 6, 6) @ grid)[0, 0]
     assert (mode - grid[7]).norm() < 0.01
     assert (mean - grid[7]).norm() > 2.0 and (mean - grid[28]).norm() > 2.0
+    assert torch.equal(peak.train().attention(logits, 6, 6), whole.attention(logits, 6, 6))  # test time only
+    peak.eval()
     logits[0, 0, 4 * 6 + 4] = -10.0  # one object
     assert torch.allclose(whole.attention(logits, 6, 6) @ grid, peak.attention(logits, 6, 6) @ grid, atol=1e-3)
     from configs.errors import ConfigError

@@ -107,11 +107,12 @@ class NamedObjectKeypoints(nn.Module):
                 "grid": (h, w, offset), "names": names}
 
     def attention(self, logits: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, R, h*w) weights of the expected pixel: the softmax over the whole map, or with
-        ``peak_window`` k > 0 only over the (2k+1)^2 cells around its peak cell (a soft-argmax of
-        the mode: an attention split between two like objects, e.g. a red triangle and a red
-        hexagon, then points at one of them instead of between them)."""
-        if not self.peak_window:
+        """(B, R, h*w) weights of the expected pixel: the softmax over the whole map, or at test
+        time (eval mode) with ``peak_window`` k > 0 only over the (2k+1)^2 cells around its peak
+        cell (a soft-argmax of the mode: an attention split between two like objects, e.g. a red
+        triangle and a red hexagon, then points at one of them instead of between them). Training
+        keeps the whole map, so the DP's loss reaches every cell's logit through the pixel."""
+        if not self.peak_window or self.training:
             return logits.softmax(-1)
         peak = logits.argmax(-1)  # (B, R)
         rows = torch.arange(h * w, device=logits.device) // w
