@@ -42,8 +42,11 @@ class DiffusionPolicy:
         return self.model.observation
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu", **overrides) -> "DiffusionPolicy":
-        """From a ``.ckpt`` (EMA weights) or an exported policy file; ``overrides``: constructor args."""
+    def from_checkpoint(cls, path, device: str = "cpu", model_overrides: dict | None = None,
+                        **overrides) -> "DiffusionPolicy":
+        """From a ``.ckpt`` (EMA weights) or an exported policy file; ``overrides``: constructor args;
+        ``model_overrides``: model settings that change no weight, replacing the checkpoint's
+        (e.g. ``keypoint_peak_window``)."""
         path = Path(path)
         blob = read_checkpoint(path, "diffusion-policy checkpoint (make train-dp: <out>/policy.pt or a .ckpt)")
         if blob.get("format") == POLICY_FORMAT:
@@ -62,7 +65,7 @@ class DiffusionPolicy:
             config["obs_skip"] = film_in != config.get("n_queries", 1) * state["obs_type"].shape[1]
         if "target_object_offset" not in config and "state.targets.0.weight" in state:  # state DPs saved before the option
             config["target_object_offset"] = state["state.targets.0.weight"].shape[1] != BASE_TARGET_FEATURES
-        model = DiffusionPolicyModel(**config)
+        model = DiffusionPolicyModel(**{**config, **(model_overrides or {})})
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))
         model.load_state_dict(state)

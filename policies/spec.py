@@ -19,6 +19,8 @@ dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking,
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
+``keypoint_peak_window`` (every kind with a DP): the named-object keypoints' test-time peak
+window (``model.keypoint_peak_window``; absent: the checkpoint's own).
 ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``constrain_objects``: the
 VLM may only name the scene's objects (absent: the VLM export's own setting; see
 ``policies.vlm_planner``).
@@ -39,13 +41,14 @@ KINDS = {
     "dp_oracle": (True, False),
 }
 _CHUNKING = {"n_action_steps", "horizon"}
+_DP_MODEL = {"keypoint_peak_window"}  # test-time settings of the DP's model (DiffusionPolicyModel), no weights
 OPTIONS = {
     "oracle": set(),
-    "flat_dp": _CHUNKING | {"device"},
-    "vlm_dp": _CHUNKING | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
+    "flat_dp": _CHUNKING | _DP_MODEL | {"device"},
+    "vlm_dp": _CHUNKING | _DP_MODEL | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
                            "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
+    "dp_oracle": _CHUNKING | _DP_MODEL | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
                               "device"},
 }
 
@@ -112,7 +115,11 @@ def build_policies(spec: PolicySpec, n: int) -> list:
     if needs_dp:
         from .diffusion_policy import DiffusionPolicy
 
-        dp = DiffusionPolicy.from_checkpoint(spec.dp, device=device)
+        model_overrides = {k: opts.pop(k) for k in list(opts) if k in _DP_MODEL}
+        dp = DiffusionPolicy.from_checkpoint(spec.dp, device=device, model_overrides=model_overrides)
+        if "keypoint_peak_window" in model_overrides and dp.model.keypoints is None:
+            raise PolicySpecError(f"keypoint_peak_window: the DP {spec.dp} has no named-object keypoints "
+                                  "(model.object_keypoint_weight 0)")
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 

@@ -199,6 +199,18 @@ def test_a_keypoint_policy_acts_from_the_images_alone(data, tmp_path, make_task_
     a = policy.predict_action_chunk(obs, "pick(get_actor('red cube'))", "None")
     b = policy.predict_action_chunk(obs, "done()", "None")  # names nothing: no keypoint tokens
     assert a.shape == b.shape == (16, 7) and np.isfinite(a).all()
+    # make eval PEAK_WINDOW=2: the test-time peak window replaces the checkpoint's (0), for
+    # policies with keypoints only
+    from policies.spec import PolicySpec, PolicySpecError, build_policy
+
+    assert policy.model.keypoints.peak_window == 0
+    built = build_policy(PolicySpec("dp_oracle", dp=str(tmp_path / "p.pt"), options={"keypoint_peak_window": 2}))
+    assert built.dp.model.keypoints.peak_window == 2
+    plain = DiffusionPolicyModule(model={**TINY, "object_keypoint_weight": 0.0}, n_action_steps=8)
+    plain.set_stats(dm.stats())
+    plain.export_policy(tmp_path / "plain.pt")
+    with pytest.raises(PolicySpecError, match="no named-object keypoints"):
+        build_policy(PolicySpec("flat_dp", dp=str(tmp_path / "plain.pt"), options={"keypoint_peak_window": 2}))
 
 
 def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, train_dp_one_step):
