@@ -170,6 +170,25 @@ class OracleStepDataset(Dataset):
         e = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self.episodes[e], int(index - self._offsets[e])
 
+    def resting_object_pixels(self, tolerance_m: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+        """Every recorded step's objects that rest on the table (centre at most ``tolerance_m``
+        above half their height; needs ``load_state``): their base-image box centres as (N, 2)
+        (x, y) in [-1, 1] of the image, and their table positions (N, 2) in metres. For the
+        named-object keypoints' pixel-to-table map (``lightning_modules/dp/keypoints.py``)."""
+        if not self.load_state:
+            raise ValueError("resting_object_pixels needs the recorded objects (load_state)")
+        uv, xy = [], []
+        for path in sorted({ep.file for ep in self.episodes}):  # own handles: the dataset keeps none (picklable)
+            with schema.open_index(path) as f:
+                for ep in (e for e in self.episodes if e.file == path):
+                    g = f["episodes"][ep.name]
+                    boxes, pose = g["obs/bboxes"][:], g["obs/object_pose"][:]  # (T, N, 4) px, (T, N, 7)
+                    keep = (boxes[..., 2] > boxes[..., 0]) & (pose[..., 2] <= ep.sizes[None, :, 0] / 2 + tolerance_m)
+                    centres = np.stack([boxes[..., 0] + boxes[..., 2], boxes[..., 1] + boxes[..., 3]], -1) / 2
+                    uv.append(centres[keep] / g["obs/base_rgb"].shape[2] * 2 - 1)
+                    xy.append(pose[..., :2][keep])
+        return np.concatenate(uv).astype(np.float32), np.concatenate(xy).astype(np.float32)
+
     @staticmethod
     def line_end(ep: _Episode, t: int) -> int:
         """The step where the skill of the line labelling ``t`` ended in the recording: with the

@@ -86,6 +86,36 @@ def test_peak_window_points_at_the_stronger_of_two_like_objects():
         DiffusionPolicyModel(**{**TINY, "keypoint_peak_window": -1})
 
 
+def test_homography_table_map_is_fitted_to_the_resting_objects_of_the_training_data(data, train_dp_one_step):
+    """keypoint_table_map homography: the least-squares fit recovers a known projection, and
+    make train-dp fits it, before training, to the recorded resting objects: within 1 cm of
+    where they are, from their box centres."""
+    kp = NamedObjectKeypoints((8, 16, 32), (2, 4, 8), text_dim=4, d_model=8, table_map="homography")
+    assert not hasattr(kp, "to_xy")
+    true = torch.tensor([[2.0, 0.3, -0.5], [-0.2, 1.5, 0.4], [0.1, -0.2, 1.0]])
+    uv = torch.rand(50, 2) * 2 - 1
+    p = torch.cat([uv, torch.ones(50, 1)], 1) @ true.T
+    assert kp.fit_homography(uv, p[:, :2] / p[:, 2:]) < 1e-4
+    assert torch.allclose(kp.homography, true / true[2, 2], atol=1e-3)
+    with pytest.raises(ValueError, match="at least 4"):
+        kp.fit_homography(uv[:3], uv[:3])
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, load_state=True)
+    uv, xy = dm.resting_object_pixels()
+    assert uv.shape == xy.shape and uv.shape[1] == 2 and len(uv) > 100 and np.abs(uv).max() <= 1
+    module, _, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
+                                            "model.keypoint_table_map=homography"])
+    fitted = module.model.keypoints
+    assert not torch.equal(fitted.homography, torch.eye(3))
+    error_cm = (fitted.table_xy(torch.from_numpy(uv)) / 10 - torch.from_numpy(xy)).norm(dim=-1) * 100
+    assert float(error_cm.median()) < 1.0
+    assert torch.isfinite(metrics["val/keypoint_table_loss"])
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ConfigError, match="keypoint_table_map"):
+        DiffusionPolicyModel(**{**TINY, "keypoint_table_map": "affine"})
+
+
 def test_table_map_resting_only_is_taught_only_where_the_named_object_rests(data):
     """With ``keypoint_table_resting_only`` the table MSE counts the named objects that rest on
     the table: lifted by 10 cm, they give it nothing; without the option they still count."""

@@ -46,6 +46,7 @@ from .state import MAX_ROLES, POS_SCALE, mlp
 GET_ACTOR = re.compile(r"get_actor\(\s*['\"]([^'\"]+)['\"]\s*\)")
 HEATMAP_SIGMA_PX = 1.5  # the Gaussian target's std in image pixels (objects are 8-11 px across at 64 px)
 TOKEN_FEATURES = 2 + 2 + 2 + 1  # uv, xy, xy - tcp, present
+TABLE_MAPS = ("learned", "homography")  # keypoint_table_map: how an image position becomes a table position
 RESTING_TOLERANCE_M = 0.01  # keypoint_table_resting_only: an object rests if its centre is at most this above height/2
 
 
@@ -71,15 +72,21 @@ class NamedObjectKeypoints(nn.Module):
     """Base-camera feature maps + the line's named objects -> keypoint tokens (see the module docstring)."""
 
     def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...], text_dim: int,
-                 d_model: int, dim: int = 32, peak_window: int = 0):
+                 d_model: int, dim: int = 32, peak_window: int = 0, table_map: str = "learned"):
         super().__init__()
+        if table_map not in TABLE_MAPS:
+            raise ConfigError(f"unknown keypoint_table_map {table_map!r}; use one of {list(TABLE_MAPS)}")
+        self.table_map = table_map
         self.stride = stage_strides[0]  # of the finest map, in pixels of the (resized) image
         self.peak_window = int(peak_window)
         if self.peak_window < 0:
             raise ConfigError(f"keypoint_peak_window={self.peak_window} must be >= 0 (0: the whole map)")
         self.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in stage_channels)
         self.query = mlp(text_dim, 2 * dim, dim)
-        self.to_xy = mlp(2, 64, 2)
+        if table_map == "learned":
+            self.to_xy = mlp(2, 64, 2)
+        else:  # the plane-to-plane projection, fitted to the training data (fit_homography)
+            self.register_buffer("homography", torch.eye(3))
         self.token = mlp(TOKEN_FEATURES, d_model, d_model)
         self.dim = dim
 
@@ -99,12 +106,34 @@ class NamedObjectKeypoints(nn.Module):
         logits = torch.einsum("brd,bdp->brp", q, feat.flatten(2)) * self.dim ** -0.5
         uv_px = self.attention(logits, h, w) @ self.pixel_grid(h, w, offset, feat.device)  # (B, R, 2)
         uv = uv_px / image_size * 2 - 1
-        xy = self.to_xy(uv.detach())
+        xy = self.table_xy(uv.detach())
         rel = xy - tcp[:, None, :2] * POS_SCALE
         feats = torch.cat([uv, xy, rel, torch.ones(B, R, 1, device=feat.device)], -1) * present[..., None]
         tokens = self.token(feats) * present[..., None]
         return {"tokens": tokens, "present": present, "logits": logits, "uv": uv, "xy": xy,
                 "grid": (h, w, offset), "names": names}
+
+    def table_xy(self, uv: torch.Tensor) -> torch.Tensor:
+        """(..., 2) image positions in [-1, 1] -> (..., 2) table positions (dm)."""
+        if self.table_map == "learned":
+            return self.to_xy(uv)
+        p = torch.cat([uv, torch.ones_like(uv[..., :1])], -1) @ self.homography.T
+        return p[..., :2] / p[..., 2:].clamp_min(1e-6)
+
+    @torch.no_grad()
+    def fit_homography(self, uv: torch.Tensor, xy: torch.Tensor) -> float:
+        """Fit the ``homography`` map (``table_map: homography``) to image positions ``uv`` (N, 2)
+        in [-1, 1] and table positions ``xy`` (N, 2) in dm by least squares (the direct linear
+        transform with h33 = 1); returns the median error (dm) on them."""
+        if len(uv) < 4:
+            raise ValueError(f"a homography needs at least 4 points, got {len(uv)}")
+        u, v, x, y = uv[:, 0].double(), uv[:, 1].double(), xy[:, 0].double(), xy[:, 1].double()
+        one, zero = torch.ones_like(u), torch.zeros_like(u)
+        rows = torch.cat([torch.stack([u, v, one, zero, zero, zero, -u * x, -v * x], 1),
+                          torch.stack([zero, zero, zero, u, v, one, -u * y, -v * y], 1)])
+        h = torch.linalg.lstsq(rows, torch.cat([x, y])[:, None]).solution[:, 0]
+        self.homography.copy_(torch.cat([h, h.new_ones(1)]).view(3, 3).float())
+        return float((self.table_xy(uv.float()) - xy.float()).norm(dim=-1).median())
 
     def attention(self, logits: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, R, h*w) weights of the expected pixel: the softmax over the whole map, or at test

@@ -149,7 +149,8 @@ class DiffusionPolicyModel(nn.Module):
                  target_object_offset: bool = False, aux_object_weight: float = 0.0,
                  image_film: bool = False, object_keypoint_weight: float = 0.0,
                  keypoint_memory_names: bool = False, keypoint_table_resting_only: bool = False,
-                 keypoint_peak_window: int = 0, random_shift: bool = False, proprio_dim: int = PROPRIO_DIM):
+                 keypoint_peak_window: int = 0, keypoint_table_map: str = "learned", random_shift: bool = False,
+                 proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -205,7 +206,7 @@ class DiffusionPolicyModel(nn.Module):
         if _privileged_loss_on("object_keypoint_weight", self.object_keypoint_weight, observation, conditioning):
             base = self.cameras["base_rgb"]
             self.keypoints = NamedObjectKeypoints(base.map_channels, base.map_strides, self.text.dim, d_model,
-                                                  peak_window=keypoint_peak_window)
+                                                  peak_window=keypoint_peak_window, table_map=keypoint_table_map)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
         n_skip = n_obs + (N_SKIP if self.state is not None else 0) + (MAX_ROLES if self.keypoints is not None else 0)

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,9 @@ from diffusers.training_utils import EMAModel
 
 from ..training import adamw
 from .model import DiffusionPolicyModel
+from .state import POS_SCALE
+
+log = logging.getLogger(__name__)
 
 POLICY_FORMAT = "code2action-dp-policy"
 
@@ -54,6 +58,12 @@ class DiffusionPolicyModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
         dm = getattr(self.trainer, "datamodule", None)
+        kp = self.model.keypoints
+        if kp is not None and kp.table_map == "homography" and hasattr(dm, "resting_object_pixels"):
+            uv, xy = dm.resting_object_pixels()  # the camera's calibration, from the training data
+            median = kp.fit_homography(torch.from_numpy(uv).to(self.device), torch.from_numpy(xy).to(self.device) * POS_SCALE)
+            log.info("keypoints: homography fitted to %d resting objects, median error %.2f cm", len(uv),
+                     median * 100 / POS_SCALE)
         if self.model.text is not None and hasattr(dm, "unique_texts"):
             texts = sorted(dm.unique_texts())
             self.model.text.to(self.device)
