@@ -170,7 +170,7 @@ class OracleStepDataset(Dataset):
         e = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self.episodes[e], int(index - self._offsets[e])
 
-    def resting_object_pixels(self, tolerance_m: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    def resting_object_pixels(self, tolerance_m: float) -> tuple[np.ndarray, np.ndarray]:
         """Every recorded step's objects that rest on the table (centre at most ``tolerance_m``
         above half their height; needs ``load_state``): their base-image box centres as (N, 2)
         (x, y) in [-1, 1] of the image, and their table positions (N, 2) in metres. For the

@@ -20,14 +20,18 @@ info's assignments of the ``pose_dict`` keys the line reads: ``named_objects``):
     query         (B, R, dim)      an MLP of the name's frozen text embedding (its tokens' mean)
     attention     (B, R, h*w)      softmax over positions of query . features / sqrt(dim)
     uv            (B, R, 2)        its expected pixel (x, y) in the uncropped image, then in [-1, 1]
-    xy            (B, R, 2)        a learned map of uv to the table (decimetres): the base camera is fixed
+    xy            (B, R, 2)        a map of uv to the table (decimetres): the base camera is fixed
     token         (B, R, d_model)  an MLP of (uv, xy, xy - tcp, 1), zeros where the line names no object
 
-The map to the table is trained by an MSE to the object's recorded position with uv detached, so
-it only reads the attention. A pixel is a ray, not a point: the map is one only for objects at
-rest on the table. ``keypoint_table_resting_only`` (config ``model.keypoint_table_resting_only``)
-therefore teaches it only where the named object rests (not lifted, not stacked); fitted offline
-to the recorded box centres of the L0 data, that halves its error there (median 0.79 -> 0.49 cm). A task prompt has no ``get_actor`` calls: a flat DP gets no tokens.
+The map to the table (``keypoint_table_map``) is either ``learned``: an MLP trained by an MSE to
+the object's recorded position with uv detached, so it only reads the attention; or
+``homography``: the projective map of the table plane that a fixed camera gives, fitted by least
+squares to the training data's resting objects (box centre -> position) before training
+(``fit_homography``; on the L0 data a median 0.4 cm from the objects, where the learned map of
+session 25 was 1.2 cm off). A pixel is a ray, not a point: either map is one only for objects at
+rest on the table. ``keypoint_table_resting_only`` therefore teaches the learned map only where the
+named object rests (not lifted, not stacked). ``peak_window`` (test time only): see ``attention``.
+A task prompt has no ``get_actor`` calls: a flat DP gets no tokens.
 """
 
 from __future__ import annotations
