@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from configs.errors import ConfigError, MissingInputError
 
 from . import schema
-from lightning_modules.dp.state import MAX_OBJECTS, state_sample
+from lightning_modules.dp.state import MAX_OBJECTS, rests_on_table, state_sample
 
 from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, shifted_labels
 
@@ -170,9 +170,9 @@ class OracleStepDataset(Dataset):
         e = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self.episodes[e], int(index - self._offsets[e])
 
-    def resting_object_pixels(self, tolerance_m: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every recorded step's objects that rest on the table (centre at most ``tolerance_m``
-        above half their height; needs ``load_state``): their base-image box centres as (N, 2)
+    def resting_object_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every recorded step's objects that rest on the table (``rests_on_table``; needs
+        ``load_state``): their base-image box centres as (N, 2)
         (x, y) in [-1, 1] of the image, and their table positions (N, 2) in metres. For the
         named-object keypoints' pixel-to-table map (``lightning_modules/dp/keypoints.py``)."""
         if not self.load_state:
@@ -183,7 +183,7 @@ class OracleStepDataset(Dataset):
                 for ep in (e for e in self.episodes if e.file == path):
                     g = f["episodes"][ep.name]
                     boxes, pose = g["obs/bboxes"][:], g["obs/object_pose"][:]  # (T, N, 4) px, (T, N, 7)
-                    keep = (boxes[..., 2] > boxes[..., 0]) & (pose[..., 2] <= ep.sizes[None, :, 0] / 2 + tolerance_m)
+                    keep = (boxes[..., 2] > boxes[..., 0]) & rests_on_table(pose[..., 2], ep.sizes[None, :, 0])
                     centres = np.stack([boxes[..., 0] + boxes[..., 2], boxes[..., 1] + boxes[..., 3]], -1) / 2
                     uv.append(centres[keep] / g["obs/base_rgb"].shape[2] * 2 - 1)
                     xy.append(pose[..., :2][keep])

@@ -81,11 +81,11 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         if len(self.train_set) == 0:
             raise ConfigError(f"no training episodes in {[str(f) for f in self.files]}")
 
-    def resting_object_pixels(self, tolerance_m: float) -> tuple:
+    def resting_object_pixels(self) -> tuple:
         """The training set's resting objects: box centres (N, 2) in [-1, 1], table xy (N, 2) m
         (``OracleStepDataset.resting_object_pixels``)."""
         self.setup()
-        return self.train_set.resting_object_pixels(tolerance_m)
+        return self.train_set.resting_object_pixels()
 
     def unique_texts(self) -> set[str]:
         """Every instruction, cache info and prompt string of the training set (few, cacheable)."""

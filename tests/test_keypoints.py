@@ -100,7 +100,7 @@ def test_homography_table_map_is_fitted_to_the_resting_objects_of_the_training_d
     with pytest.raises(ValueError, match="at least 4"):
         kp.fit_homography(uv[:3], uv[:3])
     dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=16, num_workers=0, load_state=True)
-    uv, xy = dm.resting_object_pixels(0.01)
+    uv, xy = dm.resting_object_pixels()
     assert uv.shape == xy.shape and uv.shape[1] == 2 and len(uv) > 100 and np.abs(uv).max() <= 1
     module, _, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
                                             "model.keypoint_table_map=homography"])

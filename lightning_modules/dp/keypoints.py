@@ -51,7 +51,6 @@ GET_ACTOR = re.compile(r"get_actor\(\s*['\"]([^'\"]+)['\"]\s*\)")
 HEATMAP_SIGMA_PX = 1.5  # the Gaussian target's std in image pixels (objects are 8-11 px across at 64 px)
 TOKEN_FEATURES = 2 + 2 + 2 + 1  # uv, xy, xy - tcp, present
 TABLE_MAPS = ("learned", "homography")  # keypoint_table_map: how an image position becomes a table position
-RESTING_TOLERANCE_M = 0.01  # keypoint_table_resting_only: an object rests if its centre is at most this above height/2
 
 
 def named_objects(text: str, memory_info: str | None = None) -> list[str]:

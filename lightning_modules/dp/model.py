@@ -59,9 +59,9 @@ from configs.errors import ConfigError
 
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
-from .keypoints import RESTING_TOLERANCE_M, NamedObjectKeypoints, named_objects
+from .keypoints import NamedObjectKeypoints, named_objects
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
-from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, roles_of
+from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, rests_on_table, roles_of
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
@@ -371,8 +371,8 @@ class DiffusionPolicyModel(nn.Module):
         the named objects' box centres (``object_bbox``, recorded pixels scaled to ``image_size``),
         and the MSE of their table positions (dm) against ``object_pose``; over the objects searched
         for (``kp['names']``) that are among the row's ``object_names`` (the MSE, with
-        ``keypoint_table_resting_only``, only over those that rest on the table: centre at most
-        ``RESTING_TOLERANCE_M`` above half their height, so neither lifted nor stacked). Also keeps the batch for
+        ``keypoint_table_resting_only``, only over those that rest on the table: ``rests_on_table``,
+        neither lifted nor stacked). Also keeps the batch for
         ``first_step_localisation_cm`` (``last_localisation``)."""
         if "object_bbox" not in batch:
             raise KeyError("object_keypoint_weight needs the object boxes and poses in the batch (the datamodule's "
@@ -392,7 +392,7 @@ class DiffusionPolicyModel(nn.Module):
         target_xy = (which @ pose[..., :2]) * POS_SCALE
         on_table = known
         if self.keypoint_table_resting_only:  # the pixel-to-table map is a map of the table plane: teach it there
-            resting = pose[..., 2] <= batch["object_size"].float()[..., 0] / 2 + RESTING_TOLERANCE_M  # (B, N)
+            resting = rests_on_table(pose[..., 2], batch["object_size"].float()[..., 0])  # (B, N)
             on_table = known & ((which @ resting.float().unsqueeze(-1)).squeeze(-1) > 0)
         table = (((kp["xy"] - target_xy) ** 2).mean(-1) * on_table).sum() / on_table.sum().clamp_min(1)
         tcp = batch["proprio"].float()[:, self.tcp_position] * POS_SCALE

@@ -29,7 +29,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ..training import adamw
-from .keypoints import RESTING_TOLERANCE_M
 from .model import DiffusionPolicyModel
 from .state import POS_SCALE
 
@@ -61,7 +60,7 @@ class DiffusionPolicyModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         kp = self.model.keypoints
         if kp is not None and kp.table_map == "homography" and hasattr(dm, "resting_object_pixels"):
-            uv, xy = dm.resting_object_pixels(RESTING_TOLERANCE_M)  # the camera's calibration, from the training data
+            uv, xy = dm.resting_object_pixels()  # the camera's calibration, from the training data
             median = kp.fit_homography(torch.from_numpy(uv).to(self.device), torch.from_numpy(xy).to(self.device) * POS_SCALE)
             log.info("keypoints: homography fitted to %d resting objects, median error %.2f cm", len(uv),
                      median * 100 / POS_SCALE)

@@ -44,6 +44,7 @@ MAX_POSES = 6  # pose_dict entries per episode
 MAX_ROLES = 2  # no skill takes more than two objects
 MAX_TARGETS = 2  # pose_dict reads per line
 POS_SCALE = 10.0
+RESTING_TOLERANCE_M = 0.01  # an object rests on the table if its centre is at most this above half its height
 OBJECT_FEATURES = 3 + 4 + 2 + 3  # position, quaternion, size, position - tcp
 TARGET_FEATURES = 3 + 3 + 3  # position, position - tcp, position - role-1 object
 BASE_TARGET_FEATURES = 3 + 3  # without the object offset
@@ -94,6 +95,13 @@ def state_sample(names: list[str], sizes, object_pose, pose_dict: dict) -> dict:
     return {"object_pose": torch.from_numpy(pose), "object_size": torch.from_numpy(size),
             "object_mask": torch.arange(MAX_OBJECTS) < n, "object_names": "\n".join(names),
             "pose_keys": "\n".join(keys), "pose_values": torch.from_numpy(values)}
+
+
+def rests_on_table(z, height, tolerance_m: float = RESTING_TOLERANCE_M):
+    """Whether objects rest on the table (neither lifted nor stacked): centre height ``z`` (m) at
+    most ``tolerance_m`` above half their ``height`` (m). Elementwise on tensors or numpy arrays of
+    one shape, e.g. (B, N)."""
+    return z <= height / 2 + tolerance_m
 
 
 def mlp(n_in: int, hidden: int, n_out: int | None = None) -> nn.Sequential:
