@@ -80,7 +80,7 @@ KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weig
                             "model.object_keypoint_weight": 0.0,
                             "model.keypoint_memory_names": False, "model.keypoint_table_resting_only": False,
                             "model.keypoint_peak_window": 0, "model.random_shift": False,
-                            "model.keypoint_table_map": "learned"}}
+                            "model.keypoint_table_map": "learned", "model.keypoint_targets": False}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:

@@ -265,3 +265,70 @@ def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, train_dp_one_st
     assert metrics["val/first_step_object_distance_cm"] > 1.0
     assert torch.isfinite(metrics["val/first_step_object_error_cm"])
     assert torch.isfinite(metrics["val/keypoint_heatmap_loss"]) and torch.isfinite(metrics["val/keypoint_table_loss"])
+
+
+def test_target_queries_read_the_assignment_of_each_key_a_line_reads():
+    from lightning_modules.dp.targets import target_queries
+
+    info = ("pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.1)\n"
+            "pose_dict['target'] = free_space_next_to(get_actor('a b'), get_actor('c d'), direction='behind')\n"
+            "pose_dict['goal'] = offset_pose(get_actor('blue cube'), direction='front', distance=0.05)")
+    (target,) = target_queries("move3d(pose_dict['target'])", info)
+    assert target == {"key": "target", "objects": ["a b", "c d"], "direction": "behind", "distance": None}
+    (goal,) = target_queries("push(get_actor('blue cube'), towards=pose_dict['goal'])", info)
+    assert goal["objects"] == ["blue cube"] and goal["direction"] == "front" and goal["distance"] == 0.05
+    assert target_queries("move3d(pose_dict['elsewhere'])", info) == [None]
+    assert target_queries("pick(get_actor('red cube'))", info) == []
+    assert target_queries("move3d(pose_dict['target'])", "None") == [None]
+
+
+def test_code_targets_learn_an_offset_by_direction_and_are_taught_by_the_recorded_pose(data, train_dp_one_step):
+    """keypoint_targets: the head places a pose_dict position from the keypoints' anchor and the
+    assignment's direction (it fits anchor + 0.8 dm * direction), its loss counts only keys that
+    were recorded, and make train-dp trains it on the Push data (whose push line reads 'goal')."""
+    from envs.skills.api import DIRECTIONS
+    from lightning_modules.dp.targets import CodeTargets
+
+    torch.manual_seed(0)
+    head = CodeTargets(d_model=16)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    names = list(DIRECTIONS)
+    lines = ["move3d(pose_dict['t'])"] * 64
+
+    def batch():
+        sides = [names[i % 4] for i in range(64)]
+        memory = [f"pose_dict['t'] = free_space_next_to(get_actor('a'), get_actor('b'), direction='{s}')" for s in sides]
+        xy = torch.rand(64, 2, 2) * 4 - 2
+        kp = {"names": [["a", "b"]] * 64, "xy": xy, "present": torch.ones(64, 2, dtype=torch.bool)}
+        truth = xy[:, 1] + 0.8 * torch.tensor(np.stack([DIRECTIONS[s] for s in sides]), dtype=torch.float32)
+        values = torch.zeros(64, 6, 3)
+        values[:, 0, :2] = truth / 10
+        return head(lines, memory, kp, torch.zeros(64, 3)), values
+
+    first = None
+    for _ in range(400):
+        out, values = batch()
+        loss = CodeTargets.loss(out, ["t"] * 64, values)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert out["present"][:, 0].all() and not out["present"][:, 1].any()
+    assert float(loss) < 0.01 < first  # dm^2: within a few mm of the spot on the asked side
+    assert float(CodeTargets.loss(out, ["other"] * 64, values)) == 0.0  # an unrecorded key teaches nothing
+    module, dm, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
+                                             "model.keypoint_targets=true"])
+    assert module.model.targets is not None and torch.isfinite(metrics["val/keypoint_target_loss"])
+    rows = [s for s in (dm.train_set[i] for i in range(len(dm.train_set))) if "pose_dict['goal']" in s["instruction"]
+            and not s["instruction"].startswith("pose_dict")][:4]  # Push's push line reads the goal
+    model = module.model.eval()
+    with torch.no_grad():
+        batch = torch.utils.data.default_collate(rows)
+        kp = model._condition(batch)[3]
+        assert kp["targets"]["present"][:, 0].all() and kp["targets"]["keys"][0] == ["goal"]
+        assert float(model.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"])) > 0
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+
+    with pytest.raises(ConfigError, match="keypoint_targets"):
+        DiffusionPolicyModel(**{**TINY, "object_keypoint_weight": 0.0, "keypoint_targets": True})

@@ -35,7 +35,9 @@ Named-object keypoints (``object_keypoint_weight`` > 0, image DP only; not in th
 ``keypoints.py``): the objects the line names in ``get_actor`` are searched for in the base
 camera's stage-1 map by attention, taught by a cross-entropy to their recorded box centres; their
 image and table positions become two more observation tokens (also fed to FiLM). With it,
-``first_step_localisation_cm`` reports the keypoints' table positions.
+``first_step_localisation_cm`` reports the keypoints' table positions. With ``keypoint_targets``
+(``targets.py``) the ``pose_dict`` positions the line reads are estimated from the keypoints and
+their assignment's code, taught by the recorded values: two more tokens.
 
 Text-conditioned image encoders (``image_film``, not in the paper): the mean of each text's token
 states (the instruction's and the cache info's: MiniLM's own sentence pooling), projected to
@@ -60,8 +62,9 @@ from configs.errors import ConfigError
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
 from .keypoints import NamedObjectKeypoints, named_objects
+from .targets import CodeTargets
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
-from .state import MAX_ROLES, N_SKIP, POS_SCALE, StateTokens, rests_on_table, roles_of
+from .state import MAX_ROLES, MAX_TARGETS, N_SKIP, POS_SCALE, StateTokens, rests_on_table, roles_of
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
@@ -150,7 +153,7 @@ class DiffusionPolicyModel(nn.Module):
                  image_film: bool = False, object_keypoint_weight: float = 0.0,
                  keypoint_memory_names: bool = False, keypoint_table_resting_only: bool = False,
                  keypoint_peak_window: int = 0, keypoint_table_map: str = "learned", random_shift: bool = False,
-                 proprio_dim: int = PROPRIO_DIM):
+                 keypoint_targets: bool = False, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -207,9 +210,16 @@ class DiffusionPolicyModel(nn.Module):
             base = self.cameras["base_rgb"]
             self.keypoints = NamedObjectKeypoints(base.map_channels, base.map_strides, self.text.dim, d_model,
                                                   peak_window=keypoint_peak_window, table_map=keypoint_table_map)
+        self.targets = None
+        if keypoint_targets:
+            if self.keypoints is None:
+                raise ConfigError("keypoint_targets estimates positions from the named-object keypoints: it needs "
+                                  "observation rgb, a code conditioning and object_keypoint_weight > 0")
+            self.targets = CodeTargets(d_model)
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
-        n_skip = n_obs + (N_SKIP if self.state is not None else 0) + (MAX_ROLES if self.keypoints is not None else 0)
+        n_skip = (n_obs + (N_SKIP if self.state is not None else 0) + (MAX_ROLES if self.keypoints is not None else 0)
+                  + (MAX_TARGETS if self.targets is not None else 0))
         cond_dim = (n_queries + (n_skip if self.obs_skip else 0)) * d_model
         self.unet = ConditionalUnet1D(ACTION_DIM, cond_dim, channels=tuple(unet_channels),
                                       step_embed_dim=step_embed_dim)
@@ -281,6 +291,10 @@ class DiffusionPolicyModel(nn.Module):
         if kp is not None:
             tokens, pad = torch.cat([tokens, kp["tokens"]], 1), torch.cat([pad, ~kp["present"]], 1)
             skip = torch.cat([skip, kp["tokens"]], 1)
+            if self.targets is not None:
+                kp["targets"] = tg = self.targets(texts[0], texts[1], kp, proprio[:, self.tcp_position])
+                tokens, pad = torch.cat([tokens, tg["tokens"]], 1), torch.cat([pad, ~tg["present"]], 1)
+                skip = torch.cat([skip, tg["tokens"]], 1)
         if self.state is not None:
             state, state_pad, state_skip = self.state(batch, None if texts is None else texts[0],
                                                       proprio[:, self.tcp_position], self.text)
@@ -358,12 +372,16 @@ class DiffusionPolicyModel(nn.Module):
             self.last_losses["keypoint_heatmap"] = heatmap.detach()
             self.last_losses["keypoint_table"] = table.detach()
             loss = loss + self.object_keypoint_weight * (heatmap + table)
+            if self.targets is not None:
+                target = self.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"])
+                self.last_losses["keypoint_target"] = target.detach()
+                loss = loss + self.object_keypoint_weight * target
         return loss
 
     def keypoint_names(self, texts: tuple[list[str], list[str]]) -> list[list[str]]:
         """Each row's objects for the keypoints (``keypoints.named_objects`` of its instruction, with
         ``keypoint_memory_names`` also of its cache info)."""
-        memory = texts[1] if self.keypoint_memory_names else [None] * len(texts[0])
+        memory = texts[1] if self.keypoint_memory_names or self.targets is not None else [None] * len(texts[0])
         return [named_objects(line, info) for line, info in zip(texts[0], memory)]
 
     def keypoint_losses(self, batch: dict, kp: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,133 @@
+"""Code-target tokens for the image DP (``model.keypoint_targets``; not in the paper).
+
+A line such as ``move3d(pose_dict['target'])`` names no object: where it goes was computed by an
+earlier line, whose code the cache info holds, e.g.
+``pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), direction='behind')``
+or ``pose_dict['goal'] = offset_pose(get_actor('x'), direction='left', distance=0.1)``. The state DP
+is given that position (``state.py``); the image DP is not, and was measured to carry the object to
+the reference object itself instead of beside it (PlaceNextTo 0-2 of 32, README session 27).
+
+For each ``pose_dict`` key the line reads (at most ``MAX_TARGETS``) whose assignment is in the cache
+info, :func:`target_queries` reads that assignment's code: its objects (``get_actor``), and its
+``direction`` and ``distance`` arguments. The anchor is the assignment's last object (the reference
+``b`` of ``free_space_next_to``, the pushed ``x`` of ``offset_pose``). :class:`CodeTargets` then
+estimates the position from the named-object keypoints' table positions of those objects
+(``keypoints.py``, which search for them): anchor + an MLP of (direction unit vector, has
+direction, distance, the other object's offset from the anchor). It is taught by an MSE to the
+recorded ``pose_dict`` value (training only, as the keypoints are), and each estimate becomes a
+token (position, position - TCP), fed to the pooling and to FiLM.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
+from envs.skills.api import DIRECTIONS
+
+from .keypoints import GET_ACTOR
+from .state import MAX_TARGETS, POS_SCALE, mlp, pose_reads
+
+DIRECTION_ARG = re.compile(r"direction\s*=\s*['\"](\w+)['\"]")
+DISTANCE_ARG = re.compile(r"distance\s*=\s*([0-9]*\.?[0-9]+)")
+QUERY_FEATURES = 2 + 1 + 1 + 2 + 1  # direction, has direction, distance, other - anchor, has other
+TOKEN_FEATURES = 2 + 2  # position, position - tcp
+
+
+def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
+    """For each key ``line`` reads (``state.pose_reads``), the code of its assignment in
+    ``memory_info``: ``{"key", "objects", "direction", "distance"}`` (objects in order of mention;
+    direction one of ``DIRECTIONS`` or None; distance in m or None), or None where the cache info
+    holds no assignment of the key."""
+    assignments = {}
+    for text in (memory_info or "").splitlines():
+        text = text.strip()
+        key = POSE_DICT_READ.match(text)
+        if key and POSE_DICT_ASSIGNMENT.match(text):
+            assignments[key.group(2)] = text  # the latest assignment of a key wins, as when executed
+    out: list[dict | None] = []
+    for key in pose_reads(line or ""):
+        code = assignments.get(key)
+        if code is None:
+            out.append(None)
+            continue
+        objects: list[str] = []
+        for m in GET_ACTOR.finditer(code):
+            if m.group(1) not in objects:
+                objects.append(m.group(1))
+        direction = DIRECTION_ARG.search(code)
+        distance = DISTANCE_ARG.search(code)
+        out.append({"key": key, "objects": objects,
+                    "direction": direction.group(1) if direction and direction.group(1) in DIRECTIONS else None,
+                    "distance": float(distance.group(1)) if distance else None})
+    return out
+
+
+class CodeTargets(nn.Module):
+    """Keypoint table positions + the code of the positions a line reads -> target tokens."""
+
+    def __init__(self, d_model: int, hidden: int = 64):
+        super().__init__()
+        self.offset = mlp(QUERY_FEATURES, hidden, 2)
+        self.token = mlp(TOKEN_FEATURES, d_model)
+        self.slot = nn.Parameter(torch.randn(MAX_TARGETS, d_model) * 0.02)
+
+    def forward(self, lines: list[str], memory: list[str], kp: dict, tcp: torch.Tensor) -> dict:
+        """``lines``, ``memory``: each row's instruction and cache info; ``kp``: the keypoints'
+        output (``names`` searched for, ``xy`` (B, R, 2) dm, ``present`` (B, R)); ``tcp`` (B, 3) m.
+        Returns ``tokens`` (B, MAX_TARGETS, d_model), ``present`` (B, MAX_TARGETS) bool, ``xy``
+        (B, MAX_TARGETS, 2) dm (the estimates) and ``keys`` (each row's keys, None where absent)."""
+        B, device = len(lines), kp["xy"].device
+        feats = torch.zeros(B, MAX_TARGETS, QUERY_FEATURES, device=device)
+        anchor_index = torch.zeros(B, MAX_TARGETS, dtype=torch.long, device=device)
+        other_index = torch.zeros(B, MAX_TARGETS, dtype=torch.long, device=device)
+        has_other = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
+        present = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
+        keys: list[list[str | None]] = []
+        for b, (line, info) in enumerate(zip(lines, memory)):
+            row: list[str | None] = []
+            searched = kp["names"][b]
+            for k, query in enumerate(target_queries(line, info)):
+                found = [searched.index(n) for n in (query or {}).get("objects", []) if n in searched]
+                if not found or not bool(kp["present"][b, found[-1]]):
+                    row.append(None)
+                    continue
+                row.append(query["key"])
+                present[b, k] = True
+                anchor_index[b, k] = found[-1]
+                if len(found) > 1:
+                    other_index[b, k], has_other[b, k] = found[0], True
+                if query["direction"]:
+                    feats[b, k, :2] = torch.as_tensor(DIRECTIONS[query["direction"]], dtype=torch.float32)
+                    feats[b, k, 2] = 1.0
+                feats[b, k, 3] = (query["distance"] or 0.0) * POS_SCALE
+            keys.append(row)
+        xy = kp["xy"].detach()  # the keypoints' own losses teach them; this head learns the offset
+        anchor = xy.gather(1, anchor_index[..., None].expand(-1, -1, 2))
+        other = xy.gather(1, other_index[..., None].expand(-1, -1, 2))
+        feats[..., 4:6] = (other - anchor) * has_other[..., None]
+        feats[..., 6] = has_other.float()
+        estimate = anchor + self.offset(feats)
+        rel = estimate - tcp[:, None, :2] * POS_SCALE
+        tokens = (self.token(torch.cat([estimate, rel], -1)) + self.slot) * present[..., None]
+        return {"tokens": tokens, "present": present, "xy": estimate, "keys": keys}
+
+    @staticmethod
+    def loss(out: dict, pose_keys: list[str], pose_values: torch.Tensor) -> torch.Tensor:
+        """MSE (dm^2) of the estimates against the recorded ``pose_dict`` values: ``pose_keys``
+        (each row's keys joined by newlines) and ``pose_values`` (B, P, 3) m; over the present
+        slots whose key was recorded (0 if none)."""
+        B = len(pose_keys)
+        target = torch.zeros(B, MAX_TARGETS, 2, device=out["xy"].device)
+        known = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=out["xy"].device)
+        for b, row in enumerate(out["keys"]):
+            recorded = pose_keys[b].split("\n") if pose_keys[b] else []
+            for k, key in enumerate(row):
+                if key is not None and key in recorded:
+                    target[b, k] = pose_values[b, recorded.index(key), :2].float() * POS_SCALE
+                    known[b, k] = True
+        err = ((out["xy"] - target) ** 2).mean(-1)
+        return (err * known).sum() / known.sum().clamp_min(1)
