@@ -62,9 +62,9 @@ from configs.errors import ConfigError
 from ..diffusion import build_schedulers, loss_weights
 from ..networks import ConditionalUnet1D, ResNet18GN
 from .keypoints import NamedObjectKeypoints, named_objects
-from .targets import CodeTargets
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
 from .state import MAX_ROLES, MAX_TARGETS, N_SKIP, POS_SCALE, StateTokens, rests_on_table, roles_of
+from .targets import CodeTargets
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
@@ -259,8 +259,8 @@ class DiffusionPolicyModel(nn.Module):
     def condition(self, batch: dict) -> torch.Tensor:
         """Observation + language tokens -> conditioning vector (B, cond_dim): the pooled
         (B, n_queries * d_model), then with ``obs_skip`` the observation tokens: 4 (rgb: cameras,
-        proprio, suction; 6 with the named-object keypoints) or 2 + ``N_SKIP`` (state: proprio,
-        suction, roles 1-2, targets 1-2)."""
+        proprio, suction; 6 with the named-object keypoints, 8 with their code targets) or
+        2 + ``N_SKIP`` (state: proprio, suction, roles 1-2, targets 1-2)."""
         return self._condition(batch)[0]
 
     def _condition(self, batch: dict):
@@ -380,7 +380,7 @@ class DiffusionPolicyModel(nn.Module):
 
     def keypoint_names(self, texts: tuple[list[str], list[str]]) -> list[list[str]]:
         """Each row's objects for the keypoints (``keypoints.named_objects`` of its instruction, with
-        ``keypoint_memory_names`` also of its cache info)."""
+        ``keypoint_memory_names`` or ``keypoint_targets`` also of its cache info)."""
         memory = texts[1] if self.keypoint_memory_names or self.targets is not None else [None] * len(texts[0])
         return [named_objects(line, info) for line, info in zip(texts[0], memory)]
 
