@@ -28,7 +28,7 @@ from torch import nn
 from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
 from envs.skills.api import DIRECTIONS
 
-from .keypoints import GET_ACTOR
+from .keypoints import named_objects
 from .state import MAX_TARGETS, POS_SCALE, mlp, pose_reads
 
 DIRECTION_ARG = re.compile(r"direction\s*=\s*['\"](\w+)['\"]")
@@ -54,10 +54,7 @@ def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
         if code is None:
             out.append(None)
             continue
-        objects: list[str] = []
-        for m in GET_ACTOR.finditer(code):
-            if m.group(1) not in objects:
-                objects.append(m.group(1))
+        objects = named_objects(code)  # the assignment's own get_actor names
         direction = DIRECTION_ARG.search(code)
         distance = DISTANCE_ARG.search(code)
         out.append({"key": key, "objects": objects,
