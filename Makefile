@@ -86,7 +86,7 @@ train-vlm: install runtime-dir ## train the code VLM: scripts/train_vlm.py (DATA
 train-dp: install runtime-dir ## train the diffusion policy: scripts/train_dp.py (DATASET= DATA= CONDITIONING= PRESET=cpu|paper RESUME= OUT= key=value)
 	$(PY) scripts/train_dp.py $(ARGS)
 
-eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= ENVS_PER_WORKER= OUT= REGENERATE= N_ACTION_STEPS= PEAK_WINDOW= key=value)
+eval: install runtime-dir ## evaluate a policy: scripts/evaluate.py (POLICY= DP= VLM= TASKS= EPISODES= WORKERS= ENVS_PER_WORKER= OUT= REGENERATE= N_ACTION_STEPS= PEAK_WINDOW= HOLD_TARGETS= key=value)
 	$(PY) scripts/evaluate.py $(ARGS)
 
 relabel-dp: install runtime-dir ## store VLM instructions as labels/vlm in the DP data: scripts/relabel_dp.py (DATASET= DATA= VLM= key=value)

@@ -80,7 +80,8 @@ KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weig
                             "model.object_keypoint_weight": 0.0,
                             "model.keypoint_memory_names": False, "model.keypoint_table_resting_only": False,
                             "model.keypoint_peak_window": 0, "model.random_shift": False,
-                            "model.keypoint_table_map": "learned", "model.keypoint_targets": False}}
+                            "model.keypoint_table_map": "learned", "model.keypoint_targets": False,
+                            "model.keypoint_target_hold": False, "model.keypoint_target_teacher": 0.0}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:

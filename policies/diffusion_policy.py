@@ -27,6 +27,7 @@ class DiffusionPolicy:
         self.n_action_steps = int(n_action_steps)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.held_targets: dict = {}  # this episode's code-target estimates (model.keypoint_target_hold)
 
     @property
     def horizon(self) -> int:
@@ -72,8 +73,10 @@ class DiffusionPolicy:
         return cls(model, **{"n_action_steps": n_steps, "device": device, **overrides})
 
     def reset(self) -> None:
-        """New episode: restart the sampling noise stream (rollouts are reproducible per seed)."""
+        """New episode: restart the sampling noise stream (rollouts are reproducible per seed) and
+        forget the held code targets."""
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.held_targets = {}
 
     def batch(self, observation: dict, instruction: str, cache_info: str, scene: dict | None = None) -> dict:
         """One observation (``envs.tabletop.observation_arrays``) as a batch of one.
@@ -88,7 +91,8 @@ class DiffusionPolicy:
         batch = {"proprio": torch.as_tensor(proprio, dtype=torch.float32)[None].to(self.device),
                  "suction": torch.as_tensor(observation["suction"], dtype=torch.float32)[None].to(self.device),
                  # ``task`` conditioning reads the prompt; the code modes read instruction + cache.
-                 "instruction": [instruction], "cache_info": [cache_info], "prompt": [instruction]}
+                 "instruction": [instruction], "cache_info": [cache_info], "prompt": [instruction],
+                 "held_targets": [self.held_targets]}
         if self.observation == "state":
             if scene is None:
                 raise ValueError("a state-observation diffusion policy needs the scene's objects (scene=...)")

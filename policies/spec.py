@@ -19,8 +19,8 @@ dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking,
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
-``keypoint_peak_window`` (every kind with a DP): the named-object keypoints' test-time peak
-window (``model.keypoint_peak_window``; absent: the checkpoint's own).
+``keypoint_peak_window`` and ``keypoint_target_hold`` (every kind with a DP): the DP model's
+test-time settings of the same names (``model.*``; absent: the checkpoint's own).
 ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``constrain_objects``: the
 VLM may only name the scene's objects (absent: the VLM export's own setting; see
 ``policies.vlm_planner``).
@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs.errors import UserError
+from configs.errors import ConfigError, UserError
 
 KINDS = {
     "oracle": (False, False),  # (needs dp, needs vlm)
@@ -41,14 +41,16 @@ KINDS = {
     "dp_oracle": (True, False),
 }
 _CHUNKING = {"n_action_steps", "horizon"}
-_DP_MODEL = {"keypoint_peak_window"}  # test-time settings of the DP's model (DiffusionPolicyModel), no weights
+# test-time settings of the DP's model (DiffusionPolicyModel, no weights) -> the part they need
+_DP_MODEL = {"keypoint_peak_window": ("keypoints", "named-object keypoints (model.object_keypoint_weight 0)"),
+             "keypoint_target_hold": ("targets", "code targets (model.keypoint_targets false)")}
 OPTIONS = {
     "oracle": set(),
-    "flat_dp": _CHUNKING | _DP_MODEL | {"device"},
-    "vlm_dp": _CHUNKING | _DP_MODEL | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
+    "flat_dp": _CHUNKING | set(_DP_MODEL) | {"device"},
+    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
                            "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | _DP_MODEL | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
+    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
                               "device"},
 }
 
@@ -116,10 +118,16 @@ def build_policies(spec: PolicySpec, n: int) -> list:
         from .diffusion_policy import DiffusionPolicy
 
         model_overrides = {k: opts.pop(k) for k in list(opts) if k in _DP_MODEL}
-        dp = DiffusionPolicy.from_checkpoint(spec.dp, device=device, model_overrides=model_overrides)
-        if "keypoint_peak_window" in model_overrides and dp.model.keypoints is None:
-            raise PolicySpecError(f"keypoint_peak_window: the DP {spec.dp} has no named-object keypoints "
-                                  "(model.object_keypoint_weight 0)")
+        try:
+            dp = DiffusionPolicy.from_checkpoint(spec.dp, device=device, model_overrides=model_overrides)
+        except ConfigError:
+            if not model_overrides:
+                raise
+            dp = None  # an override the checkpoint's model cannot take: said below
+        for name in model_overrides:
+            part, what = _DP_MODEL[name]
+            if dp is None or getattr(dp.model, part) is None:
+                raise PolicySpecError(f"{name}: the DP {spec.dp} has no {what}")
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 

@@ -27,7 +27,8 @@ ALIASES = {"POLICY": "policy", "DP": "dp", "VLM": "vlm", "TASKS": "tasks", "EPIS
            "CONSTRAIN_OBJECTS": "policy_options.constrain_objects",
            "KEYSTEP_ON_HOLD": "policy_options.keystep_on_hold", "QUERY_EVERY_STEP": "policy_options.query_every_step",
            "REISSUE_AFTER": "policy_options.reissue_after", "CONFIRM_LINE_END": "policy_options.confirm_line_end",
-           "STOP_ON_DONE": "policy_options.stop_on_done", "PEAK_WINDOW": "policy_options.keypoint_peak_window"}
+           "STOP_ON_DONE": "policy_options.stop_on_done", "PEAK_WINDOW": "policy_options.keypoint_peak_window",
+           "HOLD_TARGETS": "policy_options.keypoint_target_hold"}
 
 
 def policy_spec(cfg):

@@ -241,6 +241,19 @@ def test_a_keypoint_policy_acts_from_the_images_alone(data, tmp_path, make_task_
     plain.export_policy(tmp_path / "plain.pt")
     with pytest.raises(PolicySpecError, match="no named-object keypoints"):
         build_policy(PolicySpec("flat_dp", dp=str(tmp_path / "plain.pt"), options={"keypoint_peak_window": 2}))
+    with pytest.raises(PolicySpecError, match="no code targets"):
+        build_policy(PolicySpec("dp_oracle", dp=str(tmp_path / "p.pt"), options={"keypoint_target_hold": True}))
+    # make eval HOLD_TARGETS=true: the episode's estimates are kept per assignment, until reset
+    targets = DiffusionPolicyModule(model={**TINY, "keypoint_targets": True}, n_action_steps=8)
+    targets.set_stats(dm.stats())
+    targets.export_policy(tmp_path / "targets.pt")
+    held = build_policy(PolicySpec("dp_oracle", dp=str(tmp_path / "targets.pt"),
+                                   options={"keypoint_target_hold": True})).dp
+    info = "pose_dict['goal'] = offset_pose(get_actor('red cube'), direction='left', distance=0.1)"
+    held.predict_action_chunk(obs, "push(get_actor('red cube'), towards=pose_dict['goal'])", info)
+    assert list(held.held_targets) == [info]
+    held.reset()
+    assert held.held_targets == {}
 
 
 def test_keypoints_are_for_the_image_dp_and_need_the_boxes(data, train_dp_one_step):
@@ -274,7 +287,8 @@ def test_target_queries_read_the_assignment_of_each_key_a_line_reads():
             "pose_dict['target'] = free_space_next_to(get_actor('a b'), get_actor('c d'), direction='behind')\n"
             "pose_dict['goal'] = offset_pose(get_actor('blue cube'), direction='front', distance=0.05)")
     (target,) = target_queries("move3d(pose_dict['target'])", info)
-    assert target == {"key": "target", "objects": ["a b", "c d"], "direction": "behind", "distance": None}
+    assert target == {"key": "target", "objects": ["a b", "c d"], "direction": "behind", "distance": None,
+                      "code": info.splitlines()[1]}
     (goal,) = target_queries("push(get_actor('blue cube'), towards=pose_dict['goal'])", info)
     assert goal["objects"] == ["blue cube"] and goal["direction"] == "front" and goal["distance"] == 0.05
     assert target_queries("move3d(pose_dict['elsewhere'])", info) == [None]
@@ -332,3 +346,48 @@ def test_code_targets_learn_an_offset_by_direction_and_are_taught_by_the_recorde
 
     with pytest.raises(ConfigError, match="keypoint_targets"):
         DiffusionPolicyModel(**{**TINY, "object_keypoint_weight": 0.0, "keypoint_targets": True})
+
+
+def test_code_targets_hold_each_assignments_first_estimate_and_train_on_the_recorded_value():
+    """keypoint_target_hold: an assignment's first estimate stays put when its object moves (Push
+    moves the very object its goal was computed from), a new assignment gets its own; the estimate
+    ``xy`` still follows the keypoints. keypoint_target_teacher: training tokens are built from the
+    recorded value (plus the noise), where the key was recorded."""
+    from configs.errors import ConfigError
+    from lightning_modules.dp.model import DiffusionPolicyModel
+    from lightning_modules.dp.state import POS_SCALE
+    from lightning_modules.dp.targets import CodeTargets
+
+    torch.manual_seed(0)
+    head = CodeTargets(d_model=16).eval()
+    line = ["push(get_actor('a'), towards=pose_dict['goal'])"]
+    first = ["pose_dict['goal'] = offset_pose(get_actor('a'), direction='left', distance=0.1)"]
+    again = ["pose_dict['goal'] = offset_pose(get_actor('a'), direction='right', distance=0.1)"]
+
+    def kp(x):
+        return {"names": [["a"]], "xy": torch.tensor([[[x, 0.5]]]), "present": torch.ones(1, 1, dtype=torch.bool)}
+
+    held = [{}]
+    with torch.no_grad():
+        before = head(line, first, kp(0.0), torch.zeros(1, 3), held)
+        moved = head(line, first, kp(1.0), torch.zeros(1, 3), held)
+        free = head(line, first, kp(1.0), torch.zeros(1, 3))
+        other = head(line, again, kp(1.0), torch.zeros(1, 3), held)
+    assert list(held[0]) == [first[0], again[0]]
+    assert torch.equal(moved["tokens"], before["tokens"]) and not torch.equal(free["tokens"], before["tokens"])
+    assert torch.allclose(moved["xy"], before["xy"] + torch.tensor([1.0, 0.0]))  # the estimate follows
+    assert not torch.equal(other["tokens"], moved["tokens"]) and torch.equal(held[0][again[0]], other["xy"][0, 0])
+
+    values = torch.tensor([[[0.3, -0.2, 0.02]]])
+    with torch.no_grad():
+        taught = head(line, first, kp(0.0), torch.zeros(1, 3), teacher=(["goal"], values, 1e-6))
+        unrecorded = head(line, first, kp(0.0), torch.zeros(1, 3), teacher=(["elsewhere"], values, 1e-6))
+        spot = values[0, 0, :2] * POS_SCALE
+        expected = (head.token(torch.cat([spot, spot])[None, None]) + head.slot)[:, :1]
+    assert torch.allclose(taught["tokens"][:, :1], expected, atol=1e-4)
+    assert torch.equal(taught["xy"], before["xy"]) and torch.equal(unrecorded["tokens"], before["tokens"])
+    for bad, match in (({"keypoint_target_hold": True}, "keypoint_targets"),
+                       ({"keypoint_target_teacher": 0.1}, "keypoint_targets"),
+                       ({"keypoint_targets": True, "keypoint_target_teacher": -1.0}, ">= 0")):
+        with pytest.raises(ConfigError, match=match):
+            DiffusionPolicyModel(**{**TINY, **bad})

@@ -153,7 +153,8 @@ class DiffusionPolicyModel(nn.Module):
                  image_film: bool = False, object_keypoint_weight: float = 0.0,
                  keypoint_memory_names: bool = False, keypoint_table_resting_only: bool = False,
                  keypoint_peak_window: int = 0, keypoint_table_map: str = "learned", random_shift: bool = False,
-                 keypoint_targets: bool = False, proprio_dim: int = PROPRIO_DIM):
+                 keypoint_targets: bool = False, keypoint_target_hold: bool = False,
+                 keypoint_target_teacher: float = 0.0, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
         self.conditioning = check_conditioning(conditioning)
         if observation not in OBSERVATIONS:
@@ -216,6 +217,17 @@ class DiffusionPolicyModel(nn.Module):
                 raise ConfigError("keypoint_targets estimates positions from the named-object keypoints: it needs "
                                   "observation rgb, a code conditioning and object_keypoint_weight > 0")
             self.targets = CodeTargets(d_model)
+        # test time only (no weights): each pose_dict estimate kept from its line's first chunk
+        # (targets.py); the batch carries the episode's dict as ``held_targets``
+        self.keypoint_target_hold = bool(keypoint_target_hold)
+        # training only: target tokens from the recorded pose_dict value + N(0, this dm) (targets.py)
+        self.keypoint_target_teacher = float(keypoint_target_teacher)
+        for name, on in (("keypoint_target_hold", self.keypoint_target_hold),
+                         ("keypoint_target_teacher", self.keypoint_target_teacher != 0)):
+            if on and self.targets is None:
+                raise ConfigError(f"{name} acts on the code targets: it needs keypoint_targets true")
+        if self.keypoint_target_teacher < 0:
+            raise ConfigError(f"keypoint_target_teacher={self.keypoint_target_teacher} must be >= 0 (dm of noise; 0: off)")
         self.pool = AttentionPooling(d_model, n_heads, pool_blocks, n_queries)
         self.obs_skip = bool(obs_skip)
         n_skip = (n_obs + (N_SKIP if self.state is not None else 0) + (MAX_ROLES if self.keypoints is not None else 0)
@@ -292,7 +304,11 @@ class DiffusionPolicyModel(nn.Module):
             tokens, pad = torch.cat([tokens, kp["tokens"]], 1), torch.cat([pad, ~kp["present"]], 1)
             skip = torch.cat([skip, kp["tokens"]], 1)
             if self.targets is not None:
-                kp["targets"] = tg = self.targets(texts[0], texts[1], kp, proprio[:, self.tcp_position])
+                held = batch.get("held_targets") if self.keypoint_target_hold and not self.training else None
+                teacher = ((batch["pose_keys"], batch["pose_values"], self.keypoint_target_teacher)
+                           if self.training and self.keypoint_target_teacher and "pose_values" in batch else None)
+                kp["targets"] = tg = self.targets(texts[0], texts[1], kp, proprio[:, self.tcp_position],
+                                                  held, teacher)
                 tokens, pad = torch.cat([tokens, tg["tokens"]], 1), torch.cat([pad, ~tg["present"]], 1)
                 skip = torch.cat([skip, tg["tokens"]], 1)
         if self.state is not None:

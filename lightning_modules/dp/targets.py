@@ -16,6 +16,15 @@ estimates the position from the named-object keypoints' table positions of those
 direction, distance, the other object's offset from the anchor). It is taught by an MSE to the
 recorded ``pose_dict`` value (training only, as the keypoints are), and each estimate becomes a
 token (position, position - TCP), fed to the pooling and to FiLM.
+
+``held`` (test time, ``model.keypoint_target_hold``): a ``pose_dict`` value is computed once, when
+its line runs, and then stays put, however its objects move. The estimate above follows the
+anchor's *current* keypoint, so once Push's push moves the object, its ``goal`` moves with it and
+the DP cannot tell "before the push" from "after". With a per-episode ``held`` dict (assignment
+code -> estimate), the first estimate of each assignment is kept for the rest of the episode.
+In training the same holds for the recorded value, which is why ``model.keypoint_target_teacher``
+(> 0) builds the tokens from it, plus Gaussian noise of that many dm, and not from the estimate
+(which follows the moving object); the estimate is still taught by its MSE.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ TOKEN_FEATURES = 2 + 2  # position, position - tcp
 
 def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
     """For each key ``line`` reads (``state.pose_reads``), the code of its assignment in
-    ``memory_info``: ``{"key", "objects", "direction", "distance"}`` (objects in order of mention;
+    ``memory_info``: ``{"key", "code", "objects", "direction", "distance"}`` (code: the assignment's line; objects in order of mention;
     direction one of ``DIRECTIONS`` or None; distance in m or None), or None where the cache info
     holds no assignment of the key."""
     assignments = {}
@@ -57,7 +66,7 @@ def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
         objects = named_objects(code)  # the assignment's own get_actor names
         direction = DIRECTION_ARG.search(code)
         distance = DISTANCE_ARG.search(code)
-        out.append({"key": key, "objects": objects,
+        out.append({"key": key, "code": code, "objects": objects,
                     "direction": direction.group(1) if direction and direction.group(1) in DIRECTIONS else None,
                     "distance": float(distance.group(1)) if distance else None})
     return out
@@ -72,9 +81,12 @@ class CodeTargets(nn.Module):
         self.token = mlp(TOKEN_FEATURES, d_model)
         self.slot = nn.Parameter(torch.randn(MAX_TARGETS, d_model) * 0.02)
 
-    def forward(self, lines: list[str], memory: list[str], kp: dict, tcp: torch.Tensor) -> dict:
+    def forward(self, lines: list[str], memory: list[str], kp: dict, tcp: torch.Tensor,
+                held: list[dict | None] | None = None, teacher: tuple | None = None) -> dict:
         """``lines``, ``memory``: each row's instruction and cache info; ``kp``: the keypoints'
-        output (``names`` searched for, ``xy`` (B, R, 2) dm, ``present`` (B, R)); ``tcp`` (B, 3) m.
+        output (``names`` searched for, ``xy`` (B, R, 2) dm, ``present`` (B, R)); ``tcp`` (B, 3) m;
+        ``held`` (test time): per row None or the episode's dict of assignment code -> (2,) dm
+        estimate, read where it has the assignment and filled where it has not (module docstring).
         Returns ``tokens`` (B, MAX_TARGETS, d_model), ``present`` (B, MAX_TARGETS) bool, ``xy``
         (B, MAX_TARGETS, 2) dm (the estimates) and ``keys`` (each row's keys, None where absent)."""
         B, device = len(lines), kp["xy"].device
@@ -84,6 +96,7 @@ class CodeTargets(nn.Module):
         has_other = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
         present = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
         keys: list[list[str | None]] = []
+        codes: dict[tuple[int, int], str] = {}  # (row, slot) -> assignment code, for ``held``
         for b, (line, info) in enumerate(zip(lines, memory)):
             row: list[str | None] = []
             searched = kp["names"][b]
@@ -93,6 +106,7 @@ class CodeTargets(nn.Module):
                     row.append(None)
                     continue
                 row.append(query["key"])
+                codes[b, k] = query["code"]
                 present[b, k] = True
                 anchor_index[b, k] = found[-1]
                 if len(found) > 1:
@@ -108,23 +122,60 @@ class CodeTargets(nn.Module):
         feats[..., 4:6] = (other - anchor) * has_other[..., None]
         feats[..., 6] = has_other.float()
         estimate = anchor + self.offset(feats)
-        rel = estimate - tcp[:, None, :2] * POS_SCALE
-        tokens = (self.token(torch.cat([estimate, rel], -1)) + self.slot) * present[..., None]
+        position = estimate
+        if held is not None:
+            position = self._hold(estimate, codes, held)
+        if teacher is not None:
+            position = self._teacher(estimate, keys, *teacher)
+        rel = position - tcp[:, None, :2] * POS_SCALE
+        tokens = (self.token(torch.cat([position, rel], -1)) + self.slot) * present[..., None]
         return {"tokens": tokens, "present": present, "xy": estimate, "keys": keys}
+
+    @staticmethod
+    def _hold(estimate: torch.Tensor, codes: dict, held: list[dict | None]) -> torch.Tensor:
+        """``estimate`` (B, MAX_TARGETS, 2) with each held assignment's first estimate in place of
+        its new one; the new ones of assignments not yet held are stored in ``held``."""
+        estimate = estimate.clone()
+        for (b, k), code in codes.items():
+            if held[b] is None:
+                continue
+            if code in held[b]:
+                estimate[b, k] = held[b][code].to(estimate)
+            else:
+                held[b][code] = estimate[b, k].detach().clone()
+        return estimate
+
+    @staticmethod
+    def _teacher(estimate: torch.Tensor, keys: list, pose_keys: list[str], pose_values: torch.Tensor,
+                 noise_dm: float) -> torch.Tensor:
+        """The token positions in training with ``keypoint_target_teacher``: the recorded value +
+        N(0, ``noise_dm``^2) per coordinate where the key was recorded, else ``estimate`` (detached)."""
+        target, known = recorded_targets(keys, pose_keys, pose_values, estimate.device)
+        noisy = target + noise_dm * torch.randn_like(target)
+        return torch.where(known[..., None], noisy, estimate.detach())
 
     @staticmethod
     def loss(out: dict, pose_keys: list[str], pose_values: torch.Tensor) -> torch.Tensor:
         """MSE (dm^2) of the estimates against the recorded ``pose_dict`` values: ``pose_keys``
         (each row's keys joined by newlines) and ``pose_values`` (B, P, 3) m; over the present
         slots whose key was recorded (0 if none)."""
-        B = len(pose_keys)
-        target = torch.zeros(B, MAX_TARGETS, 2, device=out["xy"].device)
-        known = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=out["xy"].device)
-        for b, row in enumerate(out["keys"]):
-            recorded = pose_keys[b].split("\n") if pose_keys[b] else []
-            for k, key in enumerate(row):
-                if key is not None and key in recorded:
-                    target[b, k] = pose_values[b, recorded.index(key), :2].float() * POS_SCALE
-                    known[b, k] = True
+        target, known = recorded_targets(out["keys"], pose_keys, pose_values, out["xy"].device)
         err = ((out["xy"] - target) ** 2).mean(-1)
         return (err * known).sum() / known.sum().clamp_min(1)
+
+
+def recorded_targets(keys: list, pose_keys: list[str], pose_values: torch.Tensor,
+                     device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recorded table positions of each row's slot keys (``CodeTargets`` output ``keys``):
+    (B, MAX_TARGETS, 2) dm, and (B, MAX_TARGETS) bool where the key was recorded. ``pose_keys``:
+    each row's recorded keys joined by newlines; ``pose_values`` (B, P, 3) m."""
+    B = len(pose_keys)
+    target = torch.zeros(B, MAX_TARGETS, 2, device=device)
+    known = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
+    for b, row in enumerate(keys):
+        recorded = pose_keys[b].split("\n") if pose_keys[b] else []
+        for k, key in enumerate(row):
+            if key is not None and key in recorded:
+                target[b, k] = pose_values[b, recorded.index(key), :2].float() * POS_SCALE
+                known[b, k] = True
+    return target, known
