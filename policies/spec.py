@@ -123,11 +123,9 @@ def build_policies(spec: PolicySpec, n: int) -> list:
         except ConfigError:
             if not model_overrides:
                 raise
-            dp = None  # an override the checkpoint's model cannot take: said below
-        for name in model_overrides:
-            part, what = _DP_MODEL[name]
-            if dp is None or getattr(dp.model, part) is None:
-                raise PolicySpecError(f"{name}: the DP {spec.dp} has no {what}")
+            _check_dp_model_overrides(spec.dp, model_overrides, DiffusionPolicy.from_checkpoint(spec.dp).model)
+            raise  # the overrides suit the model, but a value is wrong: the model's own message
+        _check_dp_model_overrides(spec.dp, model_overrides, dp.model)
     if needs_vlm:
         from .vlm_planner import VLMPlanner
 
@@ -136,6 +134,14 @@ def build_policies(spec: PolicySpec, n: int) -> list:
         vlm = VLMPlanner.from_pretrained(spec.vlm, device=device, **planner_options)
     return [_make(spec, dict(opts), dp if i == 0 or dp is None else dp.fork(),
                   vlm if i == 0 or vlm is None else vlm.fork()) for i in range(int(n))]
+
+
+def _check_dp_model_overrides(path: str, overrides: dict, model) -> None:
+    """PolicySpecError where a test-time model setting needs a part the DP at ``path`` lacks."""
+    for name in overrides:
+        part, what = _DP_MODEL[name]
+        if getattr(model, part) is None:
+            raise PolicySpecError(f"{name}: the DP {path} has no {what}")
 
 
 def _make(spec: PolicySpec, opts: dict, dp, vlm):
