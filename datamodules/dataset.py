@@ -27,7 +27,9 @@ A sample is a dict::
 With ``load_state=True`` the sample also holds the privileged state keys of
 ``lightning_modules.dp.state.state_sample`` (object poses, sizes, names, the episode's
 ``pose_dict``), and ``object_bbox`` (``MAX_OBJECTS``, 4) float32, the objects' base-image pixel
-boxes (``obs/bboxes``, zero-padded): format version 2 files only.
+boxes (``obs/bboxes``, zero-padded), and ``pose_object_xy`` (``MAX_POSES``, ``MAX_OBJECTS``, 2)
+float32, the objects' table positions (m) at the step each ``pose_dict`` value was assigned:
+format version 2 files only.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from torch.utils.data import Dataset
 from configs.errors import ConfigError, MissingInputError
 
 from . import schema
-from lightning_modules.dp.state import MAX_OBJECTS, rests_on_table, state_sample
+from lightning_modules.dp.state import MAX_OBJECTS, MAX_POSES, rests_on_table, state_sample
 
-from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, shifted_labels
+from .labels import (DEFAULT_EMPTY_MEMORY_INFO, POSE_DICT_ASSIGNMENT, POSE_DICT_READ, extract_memory_info,
+                     is_key_step, shifted_labels)
 
 
 @dataclass
@@ -65,6 +68,18 @@ class _Episode:
     objects: list[str] | None = None  # state: object names, sizes (N, 2) and pose_dict
     sizes: np.ndarray | None = None
     pose_dict: dict | None = None
+    pose_assigned_t: list[int] | None = None  # per pose_dict key: the step its (last) assignment ran
+
+
+def assignment_steps(keys, recorded: list[str]) -> list[int]:
+    """Per ``pose_dict`` key, the last recorded key-step whose line assigns it (0 if none): where
+    the stored value was computed, from the objects' positions then."""
+    steps = {}
+    for t, line in enumerate(recorded):
+        read = POSE_DICT_READ.match(line.strip())
+        if read and POSE_DICT_ASSIGNMENT.match(line) and is_key_step(line):
+            steps[read.group(2)] = t
+    return [steps.get(k, 0) for k in keys]
 
 
 CHUNK_ENDS = ("episode", "line")
@@ -129,6 +144,7 @@ class OracleStepDataset(Dataset):
                         episode.objects = list(ep["objects/name"].asstr()[:])
                         episode.sizes = np.stack([ep["objects/height"][:], ep["objects/radius"][:]], 1)
                         episode.pose_dict = schema.read_pose_dict(ep[group])
+                        episode.pose_assigned_t = assignment_steps(episode.pose_dict, recorded)
                     self.episodes.append(episode)
         self._offsets = np.cumsum([0] + [e.length for e in self.episodes])
         self._handles: dict[str, object] = {}
@@ -240,6 +256,11 @@ class OracleStepDataset(Dataset):
             boxes = np.zeros((MAX_OBJECTS, 4), np.float32)  # base-image pixel boxes (named-object keypoints)
             boxes[: len(ep.objects)] = a["obs/bboxes"][t]
             sample["object_bbox"] = torch.from_numpy(boxes)
+            # the objects' table positions when each pose_dict value was computed (code targets' loss)
+            assigned = np.zeros((MAX_POSES, MAX_OBJECTS, 2), np.float32)
+            for p, t_assigned in enumerate(ep.pose_assigned_t):
+                assigned[p, : len(ep.objects)] = a["obs/object_pose"][t_assigned, :, :2]
+            sample["pose_object_xy"] = torch.from_numpy(assigned)
         if self.load_images:
             g = self._group(ep)
             for k in schema.RGB_KEYS:

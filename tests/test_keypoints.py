@@ -331,7 +331,7 @@ def test_code_targets_learn_an_offset_by_direction_and_are_taught_by_the_recorde
     assert float(loss) < 0.01 < first  # dm^2: within a few mm of the spot on the asked side
     assert float(CodeTargets.loss(out, ["other"] * 64, values)) == 0.0  # an unrecorded key teaches nothing
     module, dm, metrics = train_dp_one_step([f"DATA={data}", "DATASET=PlaceOnTop+Push", "PRESET=cpu_rgb",
-                                             "model.keypoint_targets=true"])
+                                             "model.keypoint_targets=true", "model.keypoint_target_teacher=0.15"])
     assert module.model.targets is not None and torch.isfinite(metrics["val/keypoint_target_loss"])
     rows = [s for s in (dm.train_set[i] for i in range(len(dm.train_set))) if "pose_dict['goal']" in s["instruction"]
             and not s["instruction"].startswith("pose_dict")][:4]  # Push's push line reads the goal
@@ -391,3 +391,28 @@ def test_code_targets_hold_each_assignments_first_estimate_and_train_on_the_reco
                        ({"keypoint_targets": True, "keypoint_target_teacher": -1.0}, ">= 0")):
         with pytest.raises(ConfigError, match=match):
             DiffusionPolicyModel(**{**TINY, **bad})
+
+
+def test_the_code_targets_loss_follows_the_anchor_that_moved_since_the_assignment(data):
+    """Push's goal was computed from the object's position before the push; the dataset records
+    the objects' positions at the assignment (``pose_object_xy``), and ``anchor_moved`` is zero
+    until the object moves and then its displacement, so the head is taught the goal's offset from
+    the anchor as it was when the goal was computed."""
+    from datamodules.dataset import OracleStepDataset
+    from lightning_modules.dp.targets import anchor_moved
+
+    ds = OracleStepDataset([str(data / "Push.h5")], load_images=False, load_state=True)
+    ep = ds.episodes[0]
+    assert ep.pose_assigned_t == [0] and ep.labels[0].startswith("pose_dict['goal'] =")
+    moved = []
+    for t in range(ep.length):
+        s = ds[t]
+        out = {"keys": [["goal"]], "anchors": [[ep.objects[0], None]]}
+        m = anchor_moved(out, [s["object_names"]], s["object_pose"][None], [s["pose_keys"]], s["pose_object_xy"][None])
+        shift = (s["object_pose"][0, :2] - torch.from_numpy(ds._arrays(ep)["obs/object_pose"][0, 0, :2])) * 10
+        assert torch.allclose(m[0, 0], shift, atol=1e-5) and not m[0, 1].any()
+        moved.append(float(m[0, 0].norm()))
+    assert moved[0] == 0.0 and max(moved) > 0.8  # dm: the push moved it about 10 cm
+    gone = {"keys": [["goal"]], "anchors": [["no such object", None]]}
+    assert not anchor_moved(gone, [s["object_names"]], s["object_pose"][None], [s["pose_keys"]],
+                            s["pose_object_xy"][None]).any()

@@ -64,7 +64,7 @@ from ..networks import ConditionalUnet1D, ResNet18GN
 from .keypoints import NamedObjectKeypoints, named_objects
 from .processor import Normalizer, check_conditioning, conditioning_texts, preprocess_images
 from .state import MAX_ROLES, MAX_TARGETS, N_SKIP, POS_SCALE, StateTokens, rests_on_table, roles_of
-from .targets import CodeTargets
+from .targets import CodeTargets, anchor_moved
 from .text import FrozenTextEncoder
 
 CAMERAS = ("base_rgb", "wrist_rgb")
@@ -389,7 +389,9 @@ class DiffusionPolicyModel(nn.Module):
             self.last_losses["keypoint_table"] = table.detach()
             loss = loss + self.object_keypoint_weight * (heatmap + table)
             if self.targets is not None:
-                target = self.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"])
+                moved = (anchor_moved(kp["targets"], batch["object_names"], batch["object_pose"], batch["pose_keys"],
+                                      batch["pose_object_xy"]) if "pose_object_xy" in batch else None)
+                target = self.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"], moved)
                 self.last_losses["keypoint_target"] = target.detach()
                 loss = loss + self.object_keypoint_weight * target
         return loss

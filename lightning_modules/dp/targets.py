@@ -88,7 +88,8 @@ class CodeTargets(nn.Module):
         ``held`` (test time): per row None or the episode's dict of assignment code -> (2,) dm
         estimate, read where it has the assignment and filled where it has not (module docstring).
         Returns ``tokens`` (B, MAX_TARGETS, d_model), ``present`` (B, MAX_TARGETS) bool, ``xy``
-        (B, MAX_TARGETS, 2) dm (the estimates) and ``keys`` (each row's keys, None where absent)."""
+        (B, MAX_TARGETS, 2) dm (the estimates), ``keys`` (each row's keys, None where absent) and
+        ``anchors`` (each row's anchor object per slot, None where absent)."""
         B, device = len(lines), kp["xy"].device
         feats = torch.zeros(B, MAX_TARGETS, QUERY_FEATURES, device=device)
         anchor_index = torch.zeros(B, MAX_TARGETS, dtype=torch.long, device=device)
@@ -96,9 +97,11 @@ class CodeTargets(nn.Module):
         has_other = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
         present = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
         keys: list[list[str | None]] = []
+        anchors: list[list[str | None]] = []
         codes: dict[tuple[int, int], str] = {}  # (row, slot) -> assignment code, for ``held``
         for b, (line, info) in enumerate(zip(lines, memory)):
             row: list[str | None] = []
+            anchors.append([None] * MAX_TARGETS)
             searched = kp["names"][b]
             for k, query in enumerate(target_queries(line, info)):
                 found = [searched.index(n) for n in (query or {}).get("objects", []) if n in searched]
@@ -106,6 +109,7 @@ class CodeTargets(nn.Module):
                     row.append(None)
                     continue
                 row.append(query["key"])
+                anchors[b][k] = searched[found[-1]]
                 codes[b, k] = query["code"]
                 present[b, k] = True
                 anchor_index[b, k] = found[-1]
@@ -129,7 +133,7 @@ class CodeTargets(nn.Module):
             position = self._teacher(estimate, keys, *teacher)
         rel = position - tcp[:, None, :2] * POS_SCALE
         tokens = (self.token(torch.cat([position, rel], -1)) + self.slot) * present[..., None]
-        return {"tokens": tokens, "present": present, "xy": estimate, "keys": keys}
+        return {"tokens": tokens, "present": present, "xy": estimate, "keys": keys, "anchors": anchors}
 
     @staticmethod
     def _hold(estimate: torch.Tensor, codes: dict, held: list[dict | None]) -> torch.Tensor:
@@ -155,11 +159,17 @@ class CodeTargets(nn.Module):
         return torch.where(known[..., None], noisy, estimate.detach())
 
     @staticmethod
-    def loss(out: dict, pose_keys: list[str], pose_values: torch.Tensor) -> torch.Tensor:
+    def loss(out: dict, pose_keys: list[str], pose_values: torch.Tensor,
+             anchor_moved: torch.Tensor | None = None) -> torch.Tensor:
         """MSE (dm^2) of the estimates against the recorded ``pose_dict`` values: ``pose_keys``
         (each row's keys joined by newlines) and ``pose_values`` (B, P, 3) m; over the present
-        slots whose key was recorded (0 if none)."""
+        slots whose key was recorded (0 if none). ``anchor_moved`` (B, MAX_TARGETS, 2) dm
+        (:func:`anchor_moved`): how far each slot's anchor has moved since the value was computed,
+        added to the value, so that the head learns the value's offset from its anchor *then*
+        (Push moves its goal's anchor; the goal stays)."""
         target, known = recorded_targets(out["keys"], pose_keys, pose_values, out["xy"].device)
+        if anchor_moved is not None:
+            target = target + anchor_moved
         err = ((out["xy"] - target) ** 2).mean(-1)
         return (err * known).sum() / known.sum().clamp_min(1)
 
@@ -179,3 +189,20 @@ def recorded_targets(keys: list, pose_keys: list[str], pose_values: torch.Tensor
                 target[b, k] = pose_values[b, recorded.index(key), :2].float() * POS_SCALE
                 known[b, k] = True
     return target, known
+
+
+def anchor_moved(out: dict, object_names: list[str], object_pose: torch.Tensor, pose_keys: list[str],
+                 pose_object_xy: torch.Tensor) -> torch.Tensor:
+    """(B, MAX_TARGETS, 2) dm: each slot's anchor object's table position now (``object_pose``
+    (B, N, 7) m) less where it was when its key's value was computed (``pose_object_xy``
+    (B, P, N, 2) m, the dataset's); 0 where the anchor or the key is not recorded.
+    ``object_names``, ``pose_keys``: each row's names and keys joined by newlines."""
+    moved = torch.zeros(len(out["keys"]), MAX_TARGETS, 2, device=object_pose.device)
+    for b, (row, anchors) in enumerate(zip(out["keys"], out["anchors"])):
+        scene = object_names[b].split("\n") if object_names[b] else []
+        recorded = pose_keys[b].split("\n") if pose_keys[b] else []
+        for k, (key, anchor) in enumerate(zip(row, anchors)):
+            if key in recorded and anchor in scene:
+                j = scene.index(anchor)
+                moved[b, k] = (object_pose[b, j, :2] - pose_object_xy[b, recorded.index(key), j]).float() * POS_SCALE
+    return moved
