@@ -389,8 +389,10 @@ class DiffusionPolicyModel(nn.Module):
             self.last_losses["keypoint_table"] = table.detach()
             loss = loss + self.object_keypoint_weight * (heatmap + table)
             if self.targets is not None:
+                # with the teacher, the head's target follows its anchor since the assignment (targets.py)
                 moved = (anchor_moved(kp["targets"], batch["object_names"], batch["object_pose"], batch["pose_keys"],
-                                      batch["pose_object_xy"]) if "pose_object_xy" in batch else None)
+                                      batch["pose_object_xy"])
+                         if self.keypoint_target_teacher and "pose_object_xy" in batch else None)
                 target = self.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"], moved)
                 self.last_losses["keypoint_target"] = target.detach()
                 loss = loss + self.object_keypoint_weight * target

@@ -24,7 +24,9 @@ the DP cannot tell "before the push" from "after". With a per-episode ``held`` d
 code -> estimate), the first estimate of each assignment is kept for the rest of the episode.
 In training the same holds for the recorded value, which is why ``model.keypoint_target_teacher``
 (> 0) builds the tokens from it, plus Gaussian noise of that many dm, and not from the estimate
-(which follows the moving object); the estimate is still taught by its MSE.
+(which follows the moving object); the estimate is still taught by its MSE, whose target then
+moves with the anchor since the assignment (:func:`anchor_moved`), so that the head learns the
+value's offset from its anchor as it was when the value was computed.
 """
 
 from __future__ import annotations
