@@ -50,9 +50,9 @@ TOKEN_FEATURES = 2 + 2  # position, position - tcp
 
 def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
     """For each key ``line`` reads (``state.pose_reads``), the code of its assignment in
-    ``memory_info``: ``{"key", "code", "objects", "direction", "distance"}`` (code: the assignment's line; objects in order of mention;
-    direction one of ``DIRECTIONS`` or None; distance in m or None), or None where the cache info
-    holds no assignment of the key."""
+    ``memory_info``: ``{"key", "code", "objects", "direction", "distance"}`` (code: the
+    assignment's line; objects in order of mention; direction one of ``DIRECTIONS`` or None;
+    distance in m or None), or None where the cache info holds no assignment of the key."""
     assignments = {}
     for text in (memory_info or "").splitlines():
         text = text.strip()
@@ -88,7 +88,9 @@ class CodeTargets(nn.Module):
         """``lines``, ``memory``: each row's instruction and cache info; ``kp``: the keypoints'
         output (``names`` searched for, ``xy`` (B, R, 2) dm, ``present`` (B, R)); ``tcp`` (B, 3) m;
         ``held`` (test time): per row None or the episode's dict of assignment code -> (2,) dm
-        estimate, read where it has the assignment and filled where it has not (module docstring).
+        estimate, read where it has the assignment and filled where it has not (module docstring);
+        ``teacher`` (training): ``(pose_keys, pose_values, noise_dm)``, see :meth:`_teacher`. The
+        tokens are built from the held or teacher position; ``xy`` is always the estimate.
         Returns ``tokens`` (B, MAX_TARGETS, d_model), ``present`` (B, MAX_TARGETS) bool, ``xy``
         (B, MAX_TARGETS, 2) dm (the estimates), ``keys`` (each row's keys, None where absent) and
         ``anchors`` (each row's anchor object per slot, None where absent)."""
