@@ -27,9 +27,9 @@ A sample is a dict::
 With ``load_state=True`` the sample also holds the privileged state keys of
 ``lightning_modules.dp.state.state_sample`` (object poses, sizes, names, the episode's
 ``pose_dict``), and ``object_bbox`` (``MAX_OBJECTS``, 4) float32, the objects' base-image pixel
-boxes (``obs/bboxes``, zero-padded), and ``pose_object_xy`` (``MAX_POSES``, ``MAX_OBJECTS``, 2)
-float32, the objects' table positions (m) at the step each ``pose_dict`` value was assigned:
-format version 2 files only.
+boxes (``obs/bboxes``, zero-padded): format version 2 files only. With ``assignment_objects=True``
+too (the code targets' teacher), ``pose_object_xy`` (``MAX_POSES``, ``MAX_OBJECTS``, 2) float32,
+the objects' table positions (m) at the step each ``pose_dict`` value was assigned.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ from configs.errors import ConfigError, MissingInputError
 from . import schema
 from lightning_modules.dp.state import MAX_OBJECTS, MAX_POSES, rests_on_table, state_sample
 
-from .labels import (DEFAULT_EMPTY_MEMORY_INFO, POSE_DICT_ASSIGNMENT, POSE_DICT_READ, extract_memory_info,
-                     is_key_step, shifted_labels)
+from .labels import DEFAULT_EMPTY_MEMORY_INFO, extract_memory_info, is_key_step, pose_assignments, shifted_labels
 
 
 @dataclass
@@ -73,13 +72,10 @@ class _Episode:
 
 def assignment_steps(keys, recorded: list[str]) -> list[int]:
     """Per ``pose_dict`` key, the last recorded key-step whose line assigns it (0 if none): where
-    the stored value was computed, from the objects' positions then."""
-    steps = {}
-    for t, line in enumerate(recorded):
-        read = POSE_DICT_READ.match(line.strip())
-        if read and POSE_DICT_ASSIGNMENT.match(line) and is_key_step(line):
-            steps[read.group(2)] = t
-    return [steps.get(k, 0) for k in keys]
+    the stored value was computed, from the objects' positions then. (A commented step is never
+    an assignment.)"""
+    latest = pose_assignments(recorded)
+    return [latest[k][0] if k in latest else 0 for k in keys]
 
 
 CHUNK_ENDS = ("episode", "line")
@@ -103,11 +99,14 @@ class OracleStepDataset(Dataset):
     def __init__(self, files, horizon: int = 16, label_set: str = "oracle", shift_k: int = 0,
                  shift_seed: int = 0, empty_memory_info: str = DEFAULT_EMPTY_MEMORY_INFO,
                  select: Callable[[str, int], bool] | None = None, load_images: bool = True,
-                 load_state: bool = False, chunk_end: str = "episode"):
+                 load_state: bool = False, chunk_end: str = "episode", assignment_objects: bool = False):
         self.files = [str(f) for f in files]
         self.horizon = int(horizon)
         self.empty_memory_info = empty_memory_info
         self.load_images, self.load_state = load_images, load_state
+        if assignment_objects and not load_state:
+            raise ConfigError("assignment_objects (pose_object_xy) needs load_state")
+        self.assignment_objects = assignment_objects
         if chunk_end not in CHUNK_ENDS:
             raise ConfigError(f"chunk_end must be one of {CHUNK_ENDS}, got {chunk_end!r}")
         self.chunk_end = chunk_end
@@ -256,7 +255,7 @@ class OracleStepDataset(Dataset):
             boxes = np.zeros((MAX_OBJECTS, 4), np.float32)  # base-image pixel boxes (named-object keypoints)
             boxes[: len(ep.objects)] = a["obs/bboxes"][t]
             sample["object_bbox"] = torch.from_numpy(boxes)
-            # the objects' table positions when each pose_dict value was computed (code targets' loss)
+        if self.assignment_objects:  # the objects' table positions when each pose_dict value was computed
             assigned = np.zeros((MAX_POSES, MAX_OBJECTS, 2), np.float32)
             for p, t_assigned in enumerate(ep.pose_assigned_t):
                 assigned[p, : len(ep.objects)] = a["obs/object_pose"][t_assigned, :, :2]

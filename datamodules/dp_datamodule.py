@@ -53,7 +53,7 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, tasks: list[str], *, label_set: str = "oracle", shift_k: int = 0,
                  horizon: int = 16, batch_size: int = 64, num_workers: int = 2, val_fraction: float = 0.1,
                  balance_tasks: bool = True, seed: int = 0, observation: str = "rgb",
-                 chunk_end: str = "episode", load_state: bool | None = None):
+                 chunk_end: str = "episode", load_state: bool | None = None, assignment_objects: bool = False):
         super().__init__()
         self.files = dataset_files(Path(data_dir), list(tasks))
         self.label_set, self.shift_k, self.horizon = label_set, shift_k, horizon
@@ -63,6 +63,7 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         self.chunk_end = chunk_end  # episode | line (see OracleStepDataset)
         # the object poses: the state DP's observation, an image DP's localisation targets
         self.load_state = observation == "state" if load_state is None else bool(load_state)
+        self.assignment_objects = assignment_objects  # pose_object_xy (the code targets' teacher; OracleStepDataset)
         self.train_set = self.val_set = None
 
     def stats(self) -> dict:
@@ -75,7 +76,8 @@ class DiffusionPolicyDataModule(L.LightningDataModule):
         held = split_episodes(self.files, self.val_fraction)
         common = dict(horizon=self.horizon, label_set=self.label_set, shift_k=self.shift_k,
                       shift_seed=self.seed, load_images=self.observation == "rgb",
-                      load_state=self.load_state, chunk_end=self.chunk_end)
+                      load_state=self.load_state, chunk_end=self.chunk_end,
+                      assignment_objects=self.assignment_objects)
         self.train_set = OracleStepDataset(self.files, select=lambda task, s: s not in held[task], **common)
         self.val_set = OracleStepDataset(self.files, select=lambda task, s: s in held[task], **common)
         if len(self.train_set) == 0:

@@ -21,6 +21,18 @@ def commented(line: str) -> str:
     return COMMENT + line
 
 
+def pose_assignments(lines) -> dict[str, tuple[int, str]]:
+    """Each ``pose_dict`` key that ``lines`` assign -> (index, stripped line) of its latest
+    assignment, the one whose value executing the lines in order would leave."""
+    latest = {}
+    for i, line in enumerate(lines):
+        line = line.strip()
+        key = POSE_DICT_READ.match(line)
+        if key and POSE_DICT_ASSIGNMENT.match(line):
+            latest[key.group(2)] = (i, line)
+    return latest
+
+
 def is_key_step(label: str) -> bool:
     """A label is a key-step when it holds non-commented code."""
     return bool(label.strip()) and not label.lstrip().startswith("#")

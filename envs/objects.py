@@ -6,6 +6,7 @@ that ``get_actor(...)`` takes in the code labels.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,8 @@ SHAPES: dict[str, tuple[int, float]] = {
     "triangle": (3, 0.040),
     "hexagon": (6, 0.032),
 }
+# "<colour> <shape>" where a text mentions an object by name ("Place the red cube on top of ...")
+OBJECT_NAME = re.compile(r"\b(?:%s) (?:%s)\b" % ("|".join(COLOURS), "|".join(SHAPES)))
 OBJECT_HEIGHT = 0.05  # m, default height of an object
 TALL_HEIGHT = 0.10  # m, height of the standing objects of Topple
 

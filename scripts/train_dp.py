@@ -19,7 +19,7 @@ def build(cfg):
 
     from datamodules.dataset import resolve_dataset_tasks
     from datamodules.dp_datamodule import DiffusionPolicyDataModule
-    from lightning_modules.dp.model import reads_recorded_objects
+    from lightning_modules.dp.model import reads_assignment_objects, reads_recorded_objects
     from lightning_modules.dp.module import DiffusionPolicyModule
     from lightning_modules.dp.processor import CONDITIONING, check_conditioning
 
@@ -32,7 +32,8 @@ def build(cfg):
         cfg.data_dir, resolve_dataset_tasks(cfg.tasks, cfg.data_dir), label_set=label_set,
         shift_k=cfg.shift_k if cfg.conditioning == "code_shifted" else 0, horizon=cfg.model.horizon,
         seed=cfg.seed, observation=cfg.model.observation,
-        load_state=reads_recorded_objects(cfg.model), **data_cfg)
+        load_state=reads_recorded_objects(cfg.model), assignment_objects=reads_assignment_objects(cfg.model),
+        **data_cfg)
     stats = datamodule.stats()
     # the proprio width comes from the data: qpos + qvel + tcp_pose, 21 on our Panda, 29 on
     # ClevrSkills' xArm6 with its vacuum joints (make import-clevrskills)

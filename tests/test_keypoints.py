@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from configs.errors import ConfigError
 from datamodules.dp_datamodule import DiffusionPolicyDataModule
 from lightning_modules.dp.keypoints import NamedObjectKeypoints, named_objects
 from lightning_modules.dp.module import DiffusionPolicyModule
@@ -26,12 +27,23 @@ def data(oracle_data):
     return oracle_data(TASKS, 3)
 
 
+def test_a_task_prompt_names_the_vocabulary_objects_it_mentions_in_order():
+    """A flat DP's prompt grounds its objects as a code line's get_actor calls do."""
+    assert named_objects("Place the yellow triangle behind the cyan triangle.") == ["yellow triangle", "cyan triangle"]
+    assert named_objects("Push the red cube to the left.") == ["red cube"]
+    assert named_objects("Stack the red cube on the blue cube, then the red cube on the green cube.") == [
+        "red cube", "blue cube"]  # distinct, at most two
+    assert named_objects("Place the red block on the tall cube.") == []  # not the suite's colours and shapes
+    assert named_objects("Pick the redder cube.") == []  # whole words only
+    assert named_objects("Push the red cube, not get_actor('blue cube')") == ["blue cube"]  # code wins
+
+
 def test_named_objects_are_the_distinct_get_actor_names_in_order():
     assert named_objects("place(get_actor('red cube'), get_actor('blue cylinder'))") == ["red cube", "blue cylinder"]
     assert named_objects("move3d(get_actor('red cube'))\n# pick(get_actor(\"red cube\"))") == ["red cube"]
     assert named_objects("push(get_actor('a b'), pose_dict['goal'])") == ["a b"]  # a pose key is not an object
     assert named_objects("f(get_actor('a'), get_actor('b'), get_actor('c'))") == ["a", "b"]
-    assert named_objects("Place the red cube on top of the blue cylinder.") == []  # a task prompt
+    assert named_objects("move3d(pose_dict['target'])") == []  # no object named
     assert named_objects("") == [] and named_objects("done()") == []
     # with the cache info: the objects of the assignments of the keys the line reads
     info = ("pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), direction='behind')\n"
@@ -41,6 +53,17 @@ def test_named_objects_are_the_distinct_get_actor_names_in_order():
     assert named_objects("place(get_actor('b'), pose_dict['target'])", info) == ["b", "a"]
     assert named_objects("push(get_actor('c'), towards=pose_dict['goal'])", info) == ["c"]
     assert named_objects("move3d(get_actor('c'))", info) == ["c"]  # reads no key
+    reassigned = info + "\npose_dict['target'] = free_space_next_to(get_actor('c'), get_actor('d'), direction='left')"
+    assert named_objects("move3d(pose_dict['target'])", reassigned) == ["c", "d"]  # the latest assignment, as executed
+
+
+def test_pose_assignments_keep_each_keys_latest_assignment_and_its_index():
+    from datamodules.labels import pose_assignments
+
+    lines = ["pose_dict['a'] = get_pose(get_actor('x'))", "# pose_dict['b'] = get_pose(get_actor('y'))",
+             "move3d(pose_dict['a'])", "  pose_dict[\"a\"] = get_pose(get_actor('z'))  ", "pose_dict['a'] == 1"]
+    assert pose_assignments(lines) == {"a": (3, "pose_dict[\"a\"] = get_pose(get_actor('z'))")}
+    assert pose_assignments([]) == {}
 
 
 def test_pixel_grid_follows_the_crop_and_the_heatmap_loss_is_least_at_the_box_centre():
@@ -401,7 +424,10 @@ def test_the_code_targets_loss_follows_the_anchor_that_moved_since_the_assignmen
     from datamodules.dataset import OracleStepDataset
     from lightning_modules.dp.targets import anchor_moved
 
-    ds = OracleStepDataset([str(data / "Push.h5")], load_images=False, load_state=True)
+    ds = OracleStepDataset([str(data / "Push.h5")], load_images=False, load_state=True, assignment_objects=True)
+    assert "pose_object_xy" not in OracleStepDataset([str(data / "Push.h5")], load_images=False, load_state=True)[0]
+    with pytest.raises(ConfigError, match="needs load_state"):
+        OracleStepDataset([str(data / "Push.h5")], load_images=False, assignment_objects=True)
     ep = ds.episodes[0]
     assert ep.pose_assigned_t == [0] and ep.labels[0].startswith("pose_dict['goal'] =")
     moved = []

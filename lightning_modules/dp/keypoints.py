@@ -31,7 +31,9 @@ squares to the training data's resting objects (box centre -> position) before t
 session 25 was 1.2 cm off). A pixel is a ray, not a point: either map is one only for objects at
 rest on the table. ``keypoint_table_resting_only`` therefore teaches the learned map only where the
 named object rests (not lifted, not stacked). ``peak_window`` (test time only): see ``attention``.
-A task prompt has no ``get_actor`` calls: a flat DP gets no tokens.
+A task prompt has no ``get_actor`` calls: there the objects are the names of the suite's vocabulary
+that it mentions, in order (``envs.objects.OBJECT_NAME``), so that a flat DP's prompt grounds its
+objects as a code line does, as the state DP's mention roles do for either text.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.errors import ConfigError
-from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
+from datamodules.labels import POSE_DICT_READ, pose_assignments
+from envs.objects import OBJECT_NAME
 
 from .state import MAX_ROLES, POS_SCALE, mlp
 
@@ -54,19 +57,20 @@ TABLE_MAPS = ("learned", "homography")  # keypoint_table_map: how an image posit
 
 
 def named_objects(text: str, memory_info: str | None = None) -> list[str]:
-    """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``. With
+    """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``; for a text
+    without ``get_actor`` calls (a task prompt), the object names it mentions (``OBJECT_NAME``). With
     ``memory_info`` (the cache info: the memory's ``pose_dict`` assignments) then also the names in
-    the assignments of the keys the line reads: for ``move3d(pose_dict['target'])`` after
+    the latest assignments of the keys the line reads (``labels.pose_assignments``): for ``move3d(pose_dict['target'])`` after
     ``pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), ...)``, a and b."""
     names: list[str] = []
-    for m in GET_ACTOR.finditer(text or ""):
-        if m.group(1) not in names:
-            names.append(m.group(1))
+    mentions = [m.group(1) for m in GET_ACTOR.finditer(text or "")] or OBJECT_NAME.findall(text or "")
+    for name in mentions:
+        if name not in names:
+            names.append(name)
     if memory_info:
         reads = {m.group(2) for m in POSE_DICT_READ.finditer(text or "")}
-        for line in memory_info.splitlines():
-            key = POSE_DICT_READ.match(line.strip())
-            if key and key.group(2) in reads and POSE_DICT_ASSIGNMENT.match(line):
+        for key, (_, line) in sorted(pose_assignments(memory_info.splitlines()).items(), key=lambda kv: kv[1][0]):
+            if key in reads:
                 names += [n for n in named_objects(line) if n not in names]
     return names[:MAX_ROLES]
 

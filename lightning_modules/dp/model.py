@@ -128,6 +128,12 @@ def reads_recorded_objects(model: dict) -> bool:
             or model.get("object_keypoint_weight", 0.0) > 0)
 
 
+def reads_assignment_objects(model: dict) -> bool:
+    """Whether a DP's ``model`` config reads where the objects were at each ``pose_dict``
+    assignment (the dataset's ``pose_object_xy``): the code targets' teacher (``targets.py``)."""
+    return bool(model.get("keypoint_targets", False)) and model.get("keypoint_target_teacher", 0.0) > 0
+
+
 def _privileged_loss_on(option: str, weight: float, observation: str, conditioning: str) -> bool:
     """Whether a loss taught by the recorded objects (weight ``option``) is on; a ConfigError for
     a negative weight, or for a model whose text names no objects or that reads the poses itself."""
@@ -390,9 +396,13 @@ class DiffusionPolicyModel(nn.Module):
             loss = loss + self.object_keypoint_weight * (heatmap + table)
             if self.targets is not None:
                 # with the teacher, the head's target follows its anchor since the assignment (targets.py)
-                moved = (anchor_moved(kp["targets"], batch["object_names"], batch["object_pose"], batch["pose_keys"],
-                                      batch["pose_object_xy"])
-                         if self.keypoint_target_teacher and "pose_object_xy" in batch else None)
+                moved = None
+                if self.keypoint_target_teacher:
+                    if "pose_object_xy" not in batch:
+                        raise KeyError("keypoint_target_teacher needs pose_object_xy in the batch (the "
+                                       "datamodule's assignment_objects)")
+                    moved = anchor_moved(kp["targets"], batch["object_names"], batch["object_pose"],
+                                         batch["pose_keys"], batch["pose_object_xy"])
                 target = self.targets.loss(kp["targets"], batch["pose_keys"], batch["pose_values"], moved)
                 self.last_losses["keypoint_target"] = target.detach()
                 loss = loss + self.object_keypoint_weight * target

@@ -36,7 +36,7 @@ import re
 import torch
 from torch import nn
 
-from datamodules.labels import POSE_DICT_ASSIGNMENT, POSE_DICT_READ
+from datamodules.labels import pose_assignments
 from envs.skills.api import DIRECTIONS
 
 from .keypoints import named_objects
@@ -53,18 +53,13 @@ def target_queries(line: str, memory_info: str | None) -> list[dict | None]:
     ``memory_info``: ``{"key", "code", "objects", "direction", "distance"}`` (code: the
     assignment's line; objects in order of mention; direction one of ``DIRECTIONS`` or None;
     distance in m or None), or None where the cache info holds no assignment of the key."""
-    assignments = {}
-    for text in (memory_info or "").splitlines():
-        text = text.strip()
-        key = POSE_DICT_READ.match(text)
-        if key and POSE_DICT_ASSIGNMENT.match(text):
-            assignments[key.group(2)] = text  # the latest assignment of a key wins, as when executed
+    assignments = pose_assignments((memory_info or "").splitlines())
     out: list[dict | None] = []
     for key in pose_reads(line or ""):
-        code = assignments.get(key)
-        if code is None:
+        if key not in assignments:
             out.append(None)
             continue
+        code = assignments[key][1]
         objects = named_objects(code)  # the assignment's own get_actor names
         direction = DIRECTION_ARG.search(code)
         distance = DISTANCE_ARG.search(code)
@@ -178,6 +173,16 @@ class CodeTargets(nn.Module):
         return (err * known).sum() / known.sum().clamp_min(1)
 
 
+def recorded_slots(keys: list, pose_keys: list[str]):
+    """(row b, slot k, recorded index p) of each slot whose key (``CodeTargets`` output ``keys``)
+    is among its row's recorded keys (``pose_keys``: joined by newlines)."""
+    for b, row in enumerate(keys):
+        recorded = pose_keys[b].split("\n") if pose_keys[b] else []
+        for k, key in enumerate(row):
+            if key is not None and key in recorded:
+                yield b, k, recorded.index(key)
+
+
 def recorded_targets(keys: list, pose_keys: list[str], pose_values: torch.Tensor,
                      device) -> tuple[torch.Tensor, torch.Tensor]:
     """The recorded table positions of each row's slot keys (``CodeTargets`` output ``keys``):
@@ -186,12 +191,9 @@ def recorded_targets(keys: list, pose_keys: list[str], pose_values: torch.Tensor
     B = len(pose_keys)
     target = torch.zeros(B, MAX_TARGETS, 2, device=device)
     known = torch.zeros(B, MAX_TARGETS, dtype=torch.bool, device=device)
-    for b, row in enumerate(keys):
-        recorded = pose_keys[b].split("\n") if pose_keys[b] else []
-        for k, key in enumerate(row):
-            if key is not None and key in recorded:
-                target[b, k] = pose_values[b, recorded.index(key), :2].float() * POS_SCALE
-                known[b, k] = True
+    for b, k, p in recorded_slots(keys, pose_keys):
+        target[b, k] = pose_values[b, p, :2].float() * POS_SCALE
+        known[b, k] = True
     return target, known
 
 
@@ -202,11 +204,9 @@ def anchor_moved(out: dict, object_names: list[str], object_pose: torch.Tensor, 
     (B, P, N, 2) m, the dataset's); 0 where the anchor or the key is not recorded.
     ``object_names``, ``pose_keys``: each row's names and keys joined by newlines."""
     moved = torch.zeros(len(out["keys"]), MAX_TARGETS, 2, device=object_pose.device)
-    for b, (row, anchors) in enumerate(zip(out["keys"], out["anchors"])):
+    for b, k, p in recorded_slots(out["keys"], pose_keys):
         scene = object_names[b].split("\n") if object_names[b] else []
-        recorded = pose_keys[b].split("\n") if pose_keys[b] else []
-        for k, (key, anchor) in enumerate(zip(row, anchors)):
-            if key in recorded and anchor in scene:
-                j = scene.index(anchor)
-                moved[b, k] = (object_pose[b, j, :2] - pose_object_xy[b, recorded.index(key), j]).float() * POS_SCALE
+        if out["anchors"][b][k] in scene:
+            j = scene.index(out["anchors"][b][k])
+            moved[b, k] = (object_pose[b, j, :2] - pose_object_xy[b, p, j]).float() * POS_SCALE
     return moved
