@@ -139,6 +139,27 @@ def test_homography_table_map_is_fitted_to_the_resting_objects_of_the_training_d
         DiffusionPolicyModel(**{**TINY, "keypoint_table_map": "affine"})
 
 
+def test_a_flat_image_dp_searches_for_the_objects_its_task_prompt_names(data):
+    """With task conditioning the keypoints search for the prompt's objects (the named object
+    first), and each of them is one of the scene's recorded objects, so the heatmap loss teaches it."""
+    dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=8, num_workers=0, load_state=True)
+    module = DiffusionPolicyModule(model={**TINY, "conditioning": "task"}, optim={"lr": 1e-3, "warmup_steps": 10},
+                                   n_action_steps=8)
+    module.set_stats(dm.stats())
+    dm.setup()
+    n = len(dm.train_set)
+    batch = torch.utils.data.default_collate([dm.train_set[i * n // 8] for i in range(8)])
+    model = module.model.eval()
+    with torch.no_grad():
+        kp = model._condition(batch)[3]
+        heatmap, _ = model.keypoint_losses(batch, kp)
+    for prompt, task, names, objects in zip(batch["prompt"], batch["task"], kp["names"], batch["object_names"]):
+        assert names and prompt.startswith(f"{task.replace('PlaceOnTop', 'Place').replace('PlaceNextTo', 'Place')} "
+                                           f"the {names[0]}")
+        assert len(names) == (2 if task == "PlaceOnTop" else 1) and set(names) <= set(objects.split("\n"))
+    assert kp["present"].any(1).all() and torch.isfinite(heatmap) and float(heatmap) > 0
+
+
 def test_table_map_resting_only_is_taught_only_where_the_named_object_rests(data):
     """With ``keypoint_table_resting_only`` the table MSE counts the named objects that rest on
     the table: lifted by 10 cm, they give it nothing; without the option they still count."""
