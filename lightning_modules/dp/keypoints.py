@@ -60,7 +60,8 @@ def named_objects(text: str, memory_info: str | None = None) -> list[str]:
     """The distinct names a line passes to ``get_actor``, in order, at most ``MAX_ROLES``; for a text
     without ``get_actor`` calls (a task prompt), the object names it mentions (``OBJECT_NAME``). With
     ``memory_info`` (the cache info: the memory's ``pose_dict`` assignments) then also the names in
-    the latest assignments of the keys the line reads (``labels.pose_assignments``): for ``move3d(pose_dict['target'])`` after
+    the latest assignments of the keys the line reads (``labels.pose_assignments``): for
+    ``move3d(pose_dict['target'])`` after
     ``pose_dict['target'] = free_space_next_to(get_actor('a'), get_actor('b'), ...)``, a and b."""
     names: list[str] = []
     mentions = [m.group(1) for m in GET_ACTOR.finditer(text or "")] or OBJECT_NAME.findall(text or "")
@@ -69,8 +70,8 @@ def named_objects(text: str, memory_info: str | None = None) -> list[str]:
             names.append(name)
     if memory_info:
         reads = {m.group(2) for m in POSE_DICT_READ.finditer(text or "")}
-        for key, (_, line) in sorted(pose_assignments(memory_info.splitlines()).items(), key=lambda kv: kv[1][0]):
-            if key in reads:
+        for t, line in sorted(pose_assignments(memory_info.splitlines()).values()):  # in memory order
+            if POSE_DICT_READ.match(line).group(2) in reads:
                 names += [n for n in named_objects(line) if n not in names]
     return names[:MAX_ROLES]
 
