@@ -143,7 +143,8 @@ class OracleStepDataset(Dataset):
                         episode.objects = list(ep["objects/name"].asstr()[:])
                         episode.sizes = np.stack([ep["objects/height"][:], ep["objects/radius"][:]], 1)
                         episode.pose_dict = schema.read_pose_dict(ep[group])
-                        episode.pose_assigned_t = assignment_steps(episode.pose_dict, recorded)
+                        if assignment_objects:
+                            episode.pose_assigned_t = assignment_steps(episode.pose_dict, recorded)
                     self.episodes.append(episode)
         self._offsets = np.cumsum([0] + [e.length for e in self.episodes])
         self._handles: dict[str, object] = {}

@@ -23,12 +23,14 @@ def commented(line: str) -> str:
 
 def pose_assignments(lines) -> dict[str, tuple[int, str]]:
     """Each ``pose_dict`` key that ``lines`` assign -> (index, stripped line) of its latest
-    assignment, the one whose value executing the lines in order would leave."""
+    assignment, the one whose value executing the lines in order would leave; keys in the order
+    of those assignments."""
     latest = {}
     for i, line in enumerate(lines):
         line = line.strip()
         key = POSE_DICT_READ.match(line)
         if key and POSE_DICT_ASSIGNMENT.match(line):
+            latest.pop(key.group(2), None)  # a reassigned key moves to its new place
             latest[key.group(2)] = (i, line)
     return latest
 

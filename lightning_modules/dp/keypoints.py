@@ -70,8 +70,8 @@ def named_objects(text: str, memory_info: str | None = None) -> list[str]:
             names.append(name)
     if memory_info:
         reads = {m.group(2) for m in POSE_DICT_READ.finditer(text or "")}
-        for t, line in sorted(pose_assignments(memory_info.splitlines()).values()):  # in memory order
-            if POSE_DICT_READ.match(line).group(2) in reads:
+        for key, (_, line) in pose_assignments(memory_info.splitlines()).items():  # in memory order
+            if key in reads:
                 names += [n for n in named_objects(line) if n not in names]
     return names[:MAX_ROLES]
 
