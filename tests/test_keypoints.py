@@ -139,22 +139,29 @@ def test_homography_table_map_is_fitted_to_the_resting_objects_of_the_training_d
         DiffusionPolicyModel(**{**TINY, "keypoint_table_map": "affine"})
 
 
-def tiny_module_and_batch(data, overrides: dict, size: int):
-    """A TINY DP module (with ``overrides``) on the data's stats, and a batch of ``size`` training
-    samples spread over the training set, with the recorded objects (``load_state``)."""
+def tiny_stats_and_batch(data, size: int):
+    """The data's normalisation stats, and a batch of ``size`` training samples spread over the
+    training set, with the recorded objects (``load_state``)."""
     dm = DiffusionPolicyDataModule(str(data), TASKS, batch_size=size, num_workers=0, load_state=True)
-    module = DiffusionPolicyModule(model={**TINY, **overrides}, optim={"lr": 1e-3, "warmup_steps": 10},
-                                   n_action_steps=8)
-    module.set_stats(dm.stats())
+    stats = dm.stats()
     dm.setup()
     n = len(dm.train_set)
-    return module, torch.utils.data.default_collate([dm.train_set[i * n // size] for i in range(size)])
+    return stats, torch.utils.data.default_collate([dm.train_set[i * n // size] for i in range(size)])
+
+
+def tiny_module(stats, overrides: dict):
+    """A TINY DP module (with ``overrides``) on ``stats``."""
+    module = DiffusionPolicyModule(model={**TINY, **overrides}, optim={"lr": 1e-3, "warmup_steps": 10},
+                                   n_action_steps=8)
+    module.set_stats(stats)
+    return module
 
 
 def test_a_flat_image_dp_searches_for_the_objects_its_task_prompt_names(data):
     """With task conditioning the keypoints search for the prompt's objects (the named object
     first), and each of them is one of the scene's recorded objects, so the heatmap loss teaches it."""
-    module, batch = tiny_module_and_batch(data, {"conditioning": "task"}, 8)
+    stats, batch = tiny_stats_and_batch(data, 8)
+    module = tiny_module(stats, {"conditioning": "task"})
     model = module.model.eval()
     with torch.no_grad():
         kp = model._condition(batch)[3]
@@ -171,8 +178,9 @@ def test_table_map_resting_only_is_taught_only_where_the_named_object_rests(data
     the table: lifted by 10 cm, they give it nothing; without the option they still count."""
     torch.manual_seed(0)
     losses = {}
+    stats, batch = tiny_stats_and_batch(data, 16)
     for resting_only in (False, True):
-        module, batch = tiny_module_and_batch(data, {"keypoint_table_resting_only": resting_only}, 16)
+        module = tiny_module(stats, {"keypoint_table_resting_only": resting_only})
         model = module.model.eval()
         with torch.no_grad():
             kp = model._condition(batch)[3]
