@@ -81,7 +81,8 @@ KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weig
                             "model.keypoint_memory_names": False, "model.keypoint_table_resting_only": False,
                             "model.keypoint_peak_window": 0, "model.random_shift": False,
                             "model.keypoint_table_map": "learned", "model.keypoint_targets": False,
-                            "model.keypoint_target_hold": False, "model.keypoint_target_teacher": 0.0}}
+                            "model.keypoint_target_hold": False, "model.keypoint_target_teacher": 0.0},
+               "eval": {"policy_options.line_end_check": "tail", "policy_options.max_line_steps": 100}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:

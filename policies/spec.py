@@ -19,6 +19,8 @@ dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking,
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
+``line_end_check`` (vlm_dp, dp_oracle): how a chunk says that the DP's line is over
+(:data:`policies.vlm_dp.LINE_END_CHECKS`; read by vlm_dp and by dp_oracle's ``dp`` pace).
 ``keypoint_peak_window`` and ``keypoint_target_hold`` (every kind with a DP): the DP model's
 test-time settings of the same names (``model.*``; absent: the checkpoint's own).
 ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``constrain_objects``: the
@@ -47,11 +49,11 @@ _DP_MODEL = {"keypoint_peak_window": ("keypoints", "named-object keypoints (mode
 OPTIONS = {
     "oracle": set(),
     "flat_dp": _CHUNKING | set(_DP_MODEL) | {"device"},
-    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "constrain_objects", "keystep_on_hold", "query_every_step",
-                           "confirm_line_end", "stop_on_done", "device"},
+    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "constrain_objects", "keystep_on_hold",
+                           "query_every_step", "max_line_steps", "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "insert_positions", "tracker_slack", "pace", "reissue_after",
-                              "device"},
+    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "insert_positions", "tracker_slack",
+                              "pace", "reissue_after", "device"},
 }
 
 
@@ -149,6 +151,8 @@ def _make(spec: PolicySpec, opts: dict, dp, vlm):
     chunking = {k: int(opts.pop(k)) or None for k in list(opts) if k in _CHUNKING}
     if "regenerate_on_keystep" in opts:
         chunking["regenerate_on_keystep"] = bool(opts.pop("regenerate_on_keystep"))
+    if "line_end_check" in opts:
+        chunking["line_end_check"] = str(opts.pop("line_end_check"))
     if spec.kind == "oracle":
         from .oracle_only import OracleOnly
 
@@ -161,8 +165,9 @@ def _make(spec: PolicySpec, opts: dict, dp, vlm):
         from .vlm_dp import VLMDP
 
         hold = {k: bool(opts.pop(k)) for k in ("keystep_on_hold", "query_every_step", "stop_on_done") if k in opts}
-        if "confirm_line_end" in opts:
-            hold["confirm_line_end"] = int(opts.pop("confirm_line_end"))
+        for k in ("confirm_line_end", "max_line_steps"):
+            if k in opts:
+                hold[k] = int(opts.pop(k))
         return VLMDP(vlm, dp, **hold, **chunking)
     if spec.kind == "vlm_oracle":
         from .vlm_oracle import VLMOracle

@@ -113,6 +113,38 @@ def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(
          "eval_full_chunk_paced", "eval_half_horizon_paced"])
 
 
+def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(tmp_path, monkeypatch):
+    """configs/eval.yaml without ``line_end_check`` and ``max_line_steps`` (as before session 31)
+    gives today's keys; ``line_end_check: chunk`` reruns the evaluations only."""
+    import configs
+
+    base = stages_of(ablate_chunking, "cpu", False)
+    copy = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, copy)
+    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    eval_yaml = copy / "eval.yaml"
+    text = eval_yaml.read_text()
+    lines = text.splitlines(keepends=True)
+    starts = ("  line_end_check:", "  max_line_steps:")
+    kept, skip = [], False
+    for line in lines:  # drop each option and its indented comment lines
+        if line.startswith(starts):
+            skip = True
+            continue
+        if skip and line.startswith("    "):
+            continue
+        skip = False
+        kept.append(line)
+    assert len(kept) < len(lines) - 1
+    eval_yaml.write_text("".join(kept))
+    assert stages_of(ablate_chunking, "cpu", False) == base
+    eval_yaml.write_text(text.replace("line_end_check: tail", "line_end_check: chunk"))
+    changed = stages_of(ablate_chunking, "cpu", False)
+    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
+        ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+
+
 def test_stage_keys_need_earlier_stages():
     with pytest.raises(ValueError, match="not an earlier stage"):
         stage_keys([Stage("dp", "train_dp", {}, {"DATA": ("data", "")})])

@@ -186,6 +186,44 @@ def test_without_per_step_queries_the_dp_paces_the_plan():
     assert planner.log == ["key", "key", "key"]  # at t = 0, 5 and 10: max_line_steps reached
 
 
+class StopsLaterDP(CountingDP):
+    """DP stand-in that moves a little and then holds in its first two chunks, and holds
+    throughout from its third on (it has stopped)."""
+
+    def predict_action_chunk(self, observation, instruction, cache_info):
+        chunk = super().predict_action_chunk(observation, instruction, cache_info)
+        chunk[:, :3] = 0.0
+        if len(self.calls) <= 2:
+            chunk[:2, :3] = 0.3
+        return chunk
+
+
+def test_line_end_check_chunk_waits_until_the_dp_has_stopped():
+    """``tail`` ends the line when the part after the executed actions holds; ``chunk`` only when
+    the whole chunk holds, so a DP that moves a little and then holds keeps its line."""
+    from policies.vlm_dp import line_ends_in_chunk
+
+    chunk = np.zeros((8, 7), np.float32)
+    chunk[:2, :3] = 0.3
+    assert line_ends_in_chunk(chunk, 4) and line_ends_in_chunk(chunk, 4, "tail")
+    assert not line_ends_in_chunk(chunk, 4, "chunk") and line_ends_in_chunk(np.zeros((8, 7)), 4, "chunk")
+    lines = [f"move3d(get_actor('cube {i}'))" for i in range(6)]
+    tail = VLMDP(LoggingPlanner(lines), StopsLaterDP(horizon=8, n_action_steps=4), query_every_step=False)
+    rollout(tail, 12)
+    assert tail.planner.log == ["key"] * 3  # every chunk ends its line: requests at t = 0, 4 and 8
+    stopped = VLMDP(LoggingPlanner(lines), StopsLaterDP(horizon=8, n_action_steps=4), query_every_step=False,
+                    line_end_check="chunk")
+    rollout(stopped, 12)
+    # chunks at t = 0 and 4 move: the line runs on; the chunk at t = 8 holds throughout: at t = 12 the VLM is asked
+    assert stopped.planner.log == ["key"] and stopped.act(OBS) is not None and stopped.planner.log == ["key", "key"]
+    with pytest.raises(ConfigError, match="line_end_check"):
+        VLMDP(LoggingPlanner(lines), CountingDP(horizon=8), line_end_check="never")
+    with pytest.raises(ConfigError, match="max_line_steps"):
+        VLMDP(LoggingPlanner(lines), CountingDP(horizon=8), max_line_steps=0)
+    with pytest.raises(PolicySpecError, match="line_end_check"):  # a vlm_dp / dp_oracle option only
+        PolicySpec("flat_dp", dp=".", options={"line_end_check": "chunk"}).validate()
+
+
 def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vlm_is_asked():
     lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])", "done()"]
     planner = LoggingPlanner(lines)
