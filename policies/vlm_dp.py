@@ -204,7 +204,8 @@ class VLMDP(ChunkedDP):
     object, often predicted a few small moves and then holds, and with ``tail`` the VLM was asked at
     once and wrote ``done()``; with ``chunk`` the DP keeps its line and pushes. Paired with a
     ``max_line_steps`` of 40 (a line of a DP that keeps making small corrections ends there), VLM+DP
-    rose from 134/256 to 171/256 on L0 with the ``cpu_rgb`` DP.
+    rose from 134/256 to 171/256 on L0 with the ``cpu_rgb`` DP; with the state DP of ``make demo`` it
+    fell from 88/128 to 57/128 (other seeds), so ``tail`` stays the default.
 
     ``confirm_line_end`` (paced mode only; not in the paper; 0 = off): when the DP's line ends
     (its chunk ends in holds), the running motion line is given to the DP again as a key-step
