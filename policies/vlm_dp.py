@@ -203,7 +203,7 @@ class VLMDP(ChunkedDP):
     DP has stopped). Why (measured, README, session 31): the image DP, given ``push(...)`` above the
     object, often predicted a few small moves and then holds, and with ``tail`` the VLM was asked at
     once and wrote ``done()``; with ``chunk`` the DP keeps its line and pushes. Paired with a
-    ``max_line_steps`` of 40 (a line of a DP that keeps making small corrections ends there), VLM+DP
+    ``max_line_steps`` of 40 (a line whose chunks never hold throughout ends there), VLM+DP
     rose from 134/256 to 171/256 on L0 with the ``cpu_rgb`` DP; with the state DP of ``make demo`` it
     fell from 88/128 to 57/128 (other seeds), so ``tail`` stays the default.
 
