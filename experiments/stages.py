@@ -81,8 +81,11 @@ KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weig
                             "model.keypoint_memory_names": False, "model.keypoint_table_resting_only": False,
                             "model.keypoint_peak_window": 0, "model.random_shift": False,
                             "model.keypoint_table_map": "learned", "model.keypoint_targets": False,
-                            "model.keypoint_target_hold": False, "model.keypoint_target_teacher": 0.0},
-               "eval": {"policy_options.line_end_check": "tail", "policy_options.max_line_steps": 100}}
+                            "model.keypoint_target_hold": False, "model.keypoint_target_teacher": 0.0,
+                            "execution.line_end_check": "tail", "execution.max_line_steps": 100,
+                            "execution.snap_holds": False},
+               "eval": {"policy_options.line_end_check": None, "policy_options.max_line_steps": None,
+                        "policy_options.hold_threshold": 0.05, "policy_options.snap_holds": None}}
 
 
 def _without_neutral(kind: str, defaults: dict) -> dict:
@@ -90,11 +93,15 @@ def _without_neutral(kind: str, defaults: dict) -> dict:
     :data:`KEY_NEUTRAL` options of ``kind`` that have their neutral value."""
     for dotted, value in KEY_NEUTRAL.get(kind, {}).items():
         *parents, leaf = dotted.split(".")
-        node = defaults
+        path = [defaults]
         for p in parents:
-            node = node.get(p) if isinstance(node.get(p), dict) else {}
-        if leaf in node and node[leaf] == value:
-            del node[leaf]
+            path.append(path[-1].get(p) if isinstance(path[-1].get(p), dict) else {})
+        if leaf in path[-1] and path[-1][leaf] == value:
+            del path[-1][leaf]
+            for parent, name, node in reversed(list(zip(path, parents, path[1:]))):
+                if node:
+                    break
+                del parent[name]  # a section of neutral options only (``execution``) goes with them
     return defaults
 
 

@@ -21,10 +21,16 @@ from lightning_modules.training import read_checkpoint
 
 
 class DiffusionPolicy:
-    def __init__(self, model: DiffusionPolicyModel, n_action_steps: int = 8, device: str = "cpu", seed: int = 0):
+    """``execution``: the checkpoint's test-time defaults for the policies that run this DP
+    (``line_end_check``, ``max_line_steps``, ``snap_holds``: configs/dp.yaml ``execution``;
+    make eval's ``policy_options`` override them); absent keys: the policies' own defaults."""
+
+    def __init__(self, model: DiffusionPolicyModel, n_action_steps: int = 8, device: str = "cpu", seed: int = 0,
+                 execution: dict | None = None):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.n_action_steps = int(n_action_steps)
+        self.execution = dict(execution or {})
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.held_targets: dict = {}  # this episode's code-target estimates (model.keypoint_target_hold)
@@ -52,9 +58,10 @@ class DiffusionPolicy:
         blob = read_checkpoint(path, "diffusion-policy checkpoint (make train-dp: <out>/policy.pt or a .ckpt)")
         if blob.get("format") == POLICY_FORMAT:
             config, n_steps, state = blob["model"], blob["n_action_steps"], blob["state_dict"]
+            execution = blob.get("execution")
         elif "hyper_parameters" in blob and "ema" in blob:
             hp = blob["hyper_parameters"]
-            config, n_steps = dict(hp["model"]), hp.get("n_action_steps", 8)
+            config, n_steps, execution = dict(hp["model"]), hp.get("n_action_steps", 8), hp.get("execution")
             state = {k[len("model."):]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
         else:
             raise CheckpointError(f"{path} is neither a train-dp checkpoint nor an exported policy "
@@ -70,7 +77,7 @@ class DiffusionPolicy:
         if "ema" in blob:  # a Lightning checkpoint: the EMA shadow parameters replace the raw ones
             state.update(zip([n for n, _ in model.named_parameters()], blob["ema"]["shadow_params"]))
         model.load_state_dict(state)
-        return cls(model, **{"n_action_steps": n_steps, "device": device, **overrides})
+        return cls(model, **{"n_action_steps": n_steps, "device": device, "execution": execution, **overrides})
 
     def reset(self) -> None:
         """New episode: restart the sampling noise stream (rollouts are reproducible per seed) and
@@ -113,7 +120,8 @@ class DiffusionPolicy:
     def fork(self) -> "DiffusionPolicy":
         """A policy for another episode on the same network (shared weights, its own noise
         stream), e.g. one per environment of a batch (:meth:`predict_many`)."""
-        return DiffusionPolicy(self.model, n_action_steps=self.n_action_steps, device=str(self.device), seed=self.seed)
+        return DiffusionPolicy(self.model, n_action_steps=self.n_action_steps, device=str(self.device), seed=self.seed,
+                               execution=self.execution)
 
     @staticmethod
     @torch.no_grad()

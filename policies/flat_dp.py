@@ -16,8 +16,9 @@ from .vlm_dp import ChunkedDP
 class FlatDP(ChunkedDP):
     kind = "flat_dp"
 
-    def __init__(self, dp, *, n_action_steps: int | None = None, horizon: int | None = None):
-        super().__init__(dp, regenerate_on_keystep=False, n_action_steps=n_action_steps, horizon=horizon)
+    def __init__(self, dp, *, n_action_steps: int | None = None, horizon: int | None = None, **holds):
+        """``holds``: :class:`ChunkedDP`'s ``hold_threshold`` and ``snap_holds``."""
+        super().__init__(dp, regenerate_on_keystep=False, n_action_steps=n_action_steps, horizon=horizon, **holds)
 
     def reset_instructions(self, prompt: str) -> None:
         self.prompt = prompt

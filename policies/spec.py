@@ -21,6 +21,9 @@ dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking,
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
 ``line_end_check`` (vlm_dp, dp_oracle): how a chunk says that the DP's line is over
 (:data:`policies.vlm_dp.LINE_END_CHECKS`; read by vlm_dp and by dp_oracle's ``dp`` pace).
+``hold_threshold`` and ``snap_holds`` (every kind with a DP): an action holds below ``hold_threshold``
+(action units, default 0.05) on every translation axis, for ``line_end_check``; with ``snap_holds``
+such an action is executed as an exact hold (:func:`policies.vlm_dp.snap_to_holds`).
 ``keypoint_peak_window`` and ``keypoint_target_hold`` (every kind with a DP): the DP model's
 test-time settings of the same names (``model.*``; absent: the checkpoint's own).
 ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees it). ``constrain_objects``: the
@@ -48,11 +51,11 @@ _DP_MODEL = {"keypoint_peak_window": ("keypoints", "named-object keypoints (mode
              "keypoint_target_hold": ("targets", "code targets (model.keypoint_targets false)")}
 OPTIONS = {
     "oracle": set(),
-    "flat_dp": _CHUNKING | set(_DP_MODEL) | {"device"},
-    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "constrain_objects", "keystep_on_hold",
+    "flat_dp": _CHUNKING | set(_DP_MODEL) | {"hold_threshold", "snap_holds", "device"},
+    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "hold_threshold", "snap_holds", "constrain_objects", "keystep_on_hold",
                            "query_every_step", "max_line_steps", "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "insert_positions", "tracker_slack",
+    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "hold_threshold", "snap_holds", "insert_positions", "tracker_slack",
                               "pace", "reissue_after", "device"},
 }
 
@@ -153,6 +156,10 @@ def _make(spec: PolicySpec, opts: dict, dp, vlm):
         chunking["regenerate_on_keystep"] = bool(opts.pop("regenerate_on_keystep"))
     if "line_end_check" in opts:
         chunking["line_end_check"] = str(opts.pop("line_end_check"))
+    if "hold_threshold" in opts:
+        chunking["hold_threshold"] = float(opts.pop("hold_threshold"))
+    if "snap_holds" in opts:
+        chunking["snap_holds"] = opts.pop("snap_holds")
     if spec.kind == "oracle":
         from .oracle_only import OracleOnly
 

@@ -60,17 +60,27 @@ HOLD_THRESHOLD = 0.05  # action units (2.5 mm per step): below it on every axis,
 LINE_END_CHECKS = ("tail", "chunk")
 
 
-def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int, check: str = "tail") -> bool:
+def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int, check: str = "tail",
+                       threshold: float = HOLD_THRESHOLD) -> bool:
     """A DP trained with ``chunk_end: line`` predicts holds after its line's end: True when the
     part of ``chunk`` (horizon, 7) that ``check`` names (:data:`LINE_END_CHECKS`; with ``tail``,
     the chunk's last quarter when all of it is executed) holds still, no TCP translation above
-    ``HOLD_THRESHOLD``."""
+    ``threshold`` (action units) on any axis."""
     chunk = np.asarray(chunk)
     if check == "chunk":
         part = chunk
     else:
         part = chunk[n_action_steps:] if len(chunk) > n_action_steps else chunk[-max(1, len(chunk) // 4):]
-    return bool(np.all(np.abs(part[:, :3]) < HOLD_THRESHOLD))
+    return bool(np.all(np.abs(part[:, :3]) < threshold))
+
+
+def snap_to_holds(actions: np.ndarray, threshold: float = HOLD_THRESHOLD) -> np.ndarray:
+    """``actions`` (n, 7) with the TCP translation of every action that holds (below
+    ``threshold`` on every axis) set to exactly zero; orientation and suction unchanged."""
+    actions = np.array(actions, dtype=np.float32, copy=True)
+    holds = np.all(np.abs(actions[:, :3]) < threshold, axis=1)
+    actions[holds, :3] = 0.0
+    return actions
 
 
 class ChunkedDP(Policy):
@@ -80,18 +90,39 @@ class ChunkedDP(Policy):
     ``predict_action_chunk(observation, instruction, cache_info) -> (horizon, 7)``, settable
     ``horizon`` and ``n_action_steps``. Subclasses implement ``reset_instructions(prompt)`` and
     ``next_instruction(observation) -> (instruction, new_key_step, cache_info)``.
+
+    ``line_end_check`` and ``snap_holds`` (None: the DP checkpoint's own ``execution`` settings,
+    configs/dp.yaml; else ``tail`` and False). An action *holds* when its TCP translation is below
+    ``hold_threshold`` on every axis. With ``snap_holds`` (not in the paper) the executed actions
+    that hold are executed as exact holds: a DP trained to hold (``chunk_end: line``) predicts
+    zeros plus its sampling noise, and traced (README, session 32) the image DP, hovering above
+    ``move3d``'s object for 20 steps, rose 1.5 cm by that noise, and its ``pick`` then ended its
+    descent short of the object and lifted without sealing.
     """
 
     def __init__(self, dp, *, regenerate_on_keystep: bool = True, n_action_steps: int | None = None,
-                 horizon: int | None = None, line_end_check: str = "tail"):
+                 horizon: int | None = None, line_end_check: str | None = None,
+                 hold_threshold: float = HOLD_THRESHOLD, snap_holds: bool | None = None):
         super().__init__()
         self.dp = dp
         self.regenerate_on_keystep = bool(regenerate_on_keystep)
+        line_end_check = self.dp_default("line_end_check", "tail") if line_end_check is None else line_end_check
+        snap_holds = self.dp_default("snap_holds", False) if snap_holds is None else snap_holds
         if line_end_check not in LINE_END_CHECKS:
             raise ConfigError(f"unknown line_end_check {line_end_check!r}; use one of {list(LINE_END_CHECKS)}")
         self.line_end_check = line_end_check
+        if not 0 < float(hold_threshold) <= 1:
+            raise ConfigError(f"hold_threshold={hold_threshold} must be in (0, 1] (action units)")
+        self.hold_threshold = float(hold_threshold)
+        if not isinstance(snap_holds, (bool, np.bool_)):
+            raise ConfigError(f"snap_holds={snap_holds!r} must be true or false")
+        self.snap_holds = bool(snap_holds)
         self.n_action_steps = configure_chunking(dp, horizon, n_action_steps)
         self.queue: deque[np.ndarray] = deque()
+
+    def dp_default(self, name: str, default):
+        """The DP checkpoint's own test-time setting ``name`` (its ``execution``), else ``default``."""
+        return (getattr(self.dp, "execution", None) or {}).get(name, default)
 
     def reset_instructions(self, prompt: str) -> None:
         raise NotImplementedError
@@ -152,9 +183,13 @@ class ChunkedDP(Policy):
         if not self.queue:
             scene = self._scene() if self.uses_state else None
             chunk = self._checked((yield ChunkRequest(self.dp, observation, instruction, cache_info, scene)))
-            self.queue.extend(chunk[: self.n_action_steps])
+            executed = chunk[: self.n_action_steps]
+            if self.snap_holds:
+                executed = snap_to_holds(executed, self.hold_threshold)
+            self.queue.extend(executed)
             self.chunks += 1
-            self.line_done = line_ends_in_chunk(chunk, self.n_action_steps, self.line_end_check)
+            self.line_done = line_ends_in_chunk(chunk, self.n_action_steps, self.line_end_check,
+                                                self.hold_threshold)
         return self.queue.popleft()
 
     def _checked(self, chunk) -> np.ndarray:
@@ -204,8 +239,11 @@ class VLMDP(ChunkedDP):
     object, often predicted a few small moves and then holds, and with ``tail`` the VLM was asked at
     once and wrote ``done()``; with ``chunk`` the DP keeps its line and pushes. Paired with a
     ``max_line_steps`` of 40 (a line whose chunks never hold throughout ends there), VLM+DP
-    rose from 134/256 to 171/256 on L0 with the ``cpu_rgb`` DP; with the state DP of ``make demo`` it
-    fell from 88/128 to 57/128 (other seeds), so ``tail`` stays the default.
+    rose from 134/256 to 171/256 on L0 with the ``cpu_rgb`` DP, and to 198/256 with ``snap_holds``
+    too (session 32); with the state DP of ``make demo`` it fell from 88/128 to 57/128 (other
+    seeds). So ``tail`` stays the default, and the ``cpu_rgb`` preset's checkpoints carry
+    ``chunk``, 40 and ``snap_holds`` (``execution`` in configs/dp/cpu_rgb.yaml).
+    ``max_line_steps`` None: the DP checkpoint's own (``execution``), else 100.
 
     ``confirm_line_end`` (paced mode only; not in the paper; 0 = off): when the DP's line ends
     (its chunk ends in holds), the running motion line is given to the DP again as a key-step
@@ -235,13 +273,14 @@ class VLMDP(ChunkedDP):
     kind = "vlm_dp"
 
     def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
-                 max_line_steps: int = 100, confirm_line_end: int = 0, stop_on_done: bool = True, **chunking):
+                 max_line_steps: int | None = None, confirm_line_end: int = 0, stop_on_done: bool = True,
+                 **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
         self.stop_on_done = bool(stop_on_done)
-        self.max_line_steps = int(max_line_steps)
+        self.max_line_steps = int(self.dp_default("max_line_steps", 100) if max_line_steps is None else max_line_steps)
         if self.max_line_steps < 1:
             raise ConfigError(f"max_line_steps={self.max_line_steps} must be >= 1")
         self.confirm_line_end = int(confirm_line_end)

@@ -41,7 +41,8 @@ def build(cfg):
     module = DiffusionPolicyModule(model={**OmegaConf.to_container(cfg.model), "conditioning": cfg.conditioning,
                                           "proprio_dim": proprio_dim},
                                    optim=OmegaConf.to_container(cfg.optim), ema=OmegaConf.to_container(cfg.ema),
-                                   n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches)
+                                   n_action_steps=cfg.n_action_steps, val_sample_batches=cfg.val_sample_batches,
+                                   execution=OmegaConf.to_container(cfg.execution))
     module.set_stats(stats)
     return module, datamodule
 

@@ -236,10 +236,15 @@ def test_train_dp_cli_trains_writes_logs_and_refuses_to_overwrite(data, tmp_path
     common = [f"DATA={data}", f"DATASET={','.join(TASKS)}", f"OUT={out}", "data.num_workers=0",
               "data.batch_size=8", "trainer.max_steps=4", "trainer.val_check_interval=2",
               "val_sample_batches=1", "model.image_size=32", "model.resnet_width=8",
-              "model.unet_channels=[32,64,128]", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+              "model.unet_channels=[32,64,128]", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+              "execution.snap_holds=true"]
     r = run_cli(*common)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "policy.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    # the test-time settings travel with the checkpoint, in both its forms
+    for path in (out / "policy.pt", out / "checkpoints" / "last.ckpt"):
+        assert DiffusionPolicy.from_checkpoint(path).execution == {"line_end_check": "tail", "max_line_steps": 100,
+                                                                   "snap_holds": True}
     # no bar in a pipe: plain progress lines, the first step and the end of the fit
     assert "step 1/4 (25 %)" in r.stdout and "step 4/4 (100 %)" in r.stdout and "fit took" in r.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -115,8 +115,9 @@ def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(
 
 
 def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(tmp_path, monkeypatch):
-    """configs/eval.yaml without ``line_end_check`` and ``max_line_steps`` (as before session 31)
-    gives today's keys; ``line_end_check: chunk`` reruns the evaluations only."""
+    """configs/eval.yaml without ``line_end_check``, ``max_line_steps``, ``hold_threshold`` and
+    ``snap_holds`` (as before session 31) gives today's keys; ``line_end_check: chunk`` reruns the
+    evaluations only."""
     import configs
 
     base = stages_of(ablate_chunking, "cpu", False)
@@ -126,13 +127,37 @@ def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_st
     eval_yaml = copy / "eval.yaml"
     text = eval_yaml.read_text()
     before = OmegaConf.load(eval_yaml)
-    del before.policy_options["line_end_check"], before.policy_options["max_line_steps"]
+    for name in ("line_end_check", "max_line_steps", "hold_threshold", "snap_holds"):
+        del before.policy_options[name]
     OmegaConf.save(before, eval_yaml)
     assert stages_of(ablate_chunking, "cpu", False) == base
-    eval_yaml.write_text(text.replace("line_end_check: tail", "line_end_check: chunk"))
+    eval_yaml.write_text(text.replace("line_end_check: null", "line_end_check: chunk"))
     changed = stages_of(ablate_chunking, "cpu", False)
     assert sorted(n for n in base if base[n] != changed[n]) == sorted(
         ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+
+
+def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished_stages(tmp_path, monkeypatch):
+    """configs/dp.yaml without its ``execution`` section (as before session 32) gives today's keys
+    for the state preset, whose values are the neutral ones; ``snap_holds: true`` reruns the DP and
+    its evaluations."""
+    import configs
+
+    base = stages_of(ablate_chunking, "cpu", False)
+    copy = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, copy)
+    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    dp_yaml = copy / "dp.yaml"
+    text = dp_yaml.read_text()
+    before = OmegaConf.load(dp_yaml)
+    del before["execution"]
+    OmegaConf.save(before, dp_yaml)
+    assert stages_of(ablate_chunking, "cpu", False) == base
+    dp_yaml.write_text(text.replace("snap_holds: false", "snap_holds: true"))
+    changed = stages_of(ablate_chunking, "cpu", False)
+    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
+        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
          "eval_full_chunk_paced", "eval_half_horizon_paced"])
 
 

@@ -224,6 +224,81 @@ def test_line_end_check_chunk_waits_until_the_dp_has_stopped():
         PolicySpec("flat_dp", dp=".", options={"line_end_check": "chunk"}).validate()
 
 
+def test_hold_threshold_lets_a_hovering_dp_end_its_line():
+    """A chunk that jitters by 0.08 action units (4 mm per step) holds under ``hold_threshold=0.1``
+    but not under the default 0.05; bad thresholds are refused."""
+    from policies.vlm_dp import line_ends_in_chunk
+
+    hover = np.zeros((8, 7), np.float32)
+    hover[::3, :3] = [0.08, -0.08, 0.08]
+    assert not line_ends_in_chunk(hover, 4, "chunk") and line_ends_in_chunk(hover, 4, "chunk", 0.1)
+
+    class HoveringDP(CountingDP):
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            chunk = super().predict_action_chunk(observation, instruction, cache_info)
+            chunk[:, :3] = hover[:, :3]
+            return chunk
+
+    lines = [f"move3d(get_actor('cube {i}'))" for i in range(6)]
+    strict = VLMDP(LoggingPlanner(lines), HoveringDP(horizon=8, n_action_steps=4), query_every_step=False,
+                   line_end_check="chunk", max_line_steps=40)
+    loose = VLMDP(LoggingPlanner(lines), HoveringDP(horizon=8, n_action_steps=4), query_every_step=False,
+                  line_end_check="chunk", max_line_steps=40, hold_threshold=0.1)
+    rollout(strict, 12), rollout(loose, 12)
+    assert strict.planner.log == ["key"] and loose.planner.log == ["key"] * 3
+    for bad in (0, -0.1, 2):
+        with pytest.raises(ConfigError, match="hold_threshold"):
+            VLMDP(LoggingPlanner(lines), CountingDP(horizon=8), hold_threshold=bad)
+    with pytest.raises(PolicySpecError, match="hold_threshold"):  # an option of the policies with a DP only
+        PolicySpec("vlm_oracle", vlm=".", options={"hold_threshold": 0.1}).validate()
+
+
+def test_the_dp_checkpoints_execution_settings_are_the_defaults_and_options_override_them():
+    lines = ["move3d(get_actor('a'))", "done()"]
+    plain = VLMDP(LoggingPlanner(lines), CountingDP(horizon=8))
+    assert (plain.line_end_check, plain.max_line_steps, plain.snap_holds) == ("tail", 100, False)
+    dp = CountingDP(horizon=8)
+    dp.execution = {"line_end_check": "chunk", "max_line_steps": 40, "snap_holds": True}
+    own = VLMDP(LoggingPlanner(lines), dp)
+    assert (own.line_end_check, own.max_line_steps, own.snap_holds) == ("chunk", 40, True)
+    told = VLMDP(LoggingPlanner(lines), dp, line_end_check="tail", max_line_steps=7, snap_holds=False)
+    assert (told.line_end_check, told.max_line_steps, told.snap_holds) == ("tail", 7, False)
+    assert FlatDP(dp).snap_holds and not FlatDP(dp, snap_holds=False).snap_holds
+    with pytest.raises(ConfigError, match="snap_holds"):
+        FlatDP(dp, snap_holds="yes")
+
+
+def test_snap_holds_executes_jitter_as_exact_holds():
+    """With ``snap_holds`` an executed action below the hold threshold on every axis loses its
+    TCP translation (orientation and suction kept); a real move is executed as predicted."""
+    from policies.vlm_dp import snap_to_holds
+
+    chunk = np.zeros((8, 7), np.float32)
+    chunk[0, :3] = [0.3, 0.0, 0.0]          # a move
+    chunk[1, :3] = [0.02, -0.03, 0.04]      # jitter
+    chunk[2, :3] = [0.02, 0.0, 0.06]        # one axis above 0.05: a (slow) move
+    chunk[:, 3:6], chunk[:, 6] = 0.01, 1.0
+    snapped = snap_to_holds(chunk)
+    assert np.array_equal(snapped[1, :3], np.zeros(3)) and np.array_equal(snapped[[0, 2], :3], chunk[[0, 2], :3])
+    assert np.array_equal(snapped[:, 3:], chunk[:, 3:]) and chunk[1, 0] == np.float32(0.02)  # the input is not changed
+
+    class JitteringDP(CountingDP):
+        def predict_action_chunk(self, observation, instruction, cache_info):
+            out = super().predict_action_chunk(observation, instruction, cache_info)
+            out[:, :3] = chunk[:, :3]
+            return out
+
+    lines = ["move3d(get_actor('a'))", "done()"]
+    executed = {snap: [VLMDP(LoggingPlanner(lines), JitteringDP(horizon=8, n_action_steps=4), snap_holds=snap,
+                             query_every_step=False)]
+                for snap in (False, True)}
+    for snap, (policy,) in executed.items():
+        policy.reset("Task", "Do it.")
+        executed[snap] = np.stack([policy.act(OBS) for _ in range(4)])
+    assert executed[False][1, 0] == pytest.approx(0.02) and np.all(executed[True][1, :3] == 0)
+    assert np.allclose(executed[True][[0, 2], :3], executed[False][[0, 2], :3])
+
+
 def test_confirm_line_end_gives_the_dp_its_ended_motion_line_again_before_the_vlm_is_asked():
     lines = ["pose_dict['a'] = get_pose(get_actor('a'))", "push(get_actor('a'), pose_dict['a'])", "done()"]
     planner = LoggingPlanner(lines)

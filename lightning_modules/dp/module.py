@@ -39,7 +39,7 @@ POLICY_FORMAT = "code2action-dp-policy"
 
 class DiffusionPolicyModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict | None = None, ema: dict | None = None,
-                 n_action_steps: int = 8, val_sample_batches: int = 4):
+                 n_action_steps: int = 8, val_sample_batches: int = 4, execution: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.optim_cfg = {"lr": 1e-4, "betas": (0.95, 0.999), "weight_decay": 1e-6, "warmup_steps": 500,
@@ -160,6 +160,7 @@ class DiffusionPolicyModule(L.LightningModule):
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save({"format": POLICY_FORMAT, "version": 1, "model": dict(self.hparams.model),
                     "n_action_steps": int(self.hparams.n_action_steps),
+                    "execution": dict(self.hparams.execution or {}),
                     "state_dict": self.ema_state_dict()}, tmp)
         tmp.replace(path)
         return path
