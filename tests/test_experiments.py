@@ -61,69 +61,67 @@ def test_table1_transcription_matches_the_papers_averages():
     assert paper_results.TABLE1["vlm_oracle"] == {}  # empty in the paper's text, never invented
 
 
+EVALS = ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
+         "eval_full_chunk_paced", "eval_half_horizon_paced"]  # ablate_chunking's evaluation stages
+
+
+@pytest.fixture
+def copied_configs(tmp_path, monkeypatch):
+    """(today's ablate_chunking stage keys, a copy of configs/ that the stage keys now read)."""
+    import configs
+
+    base = stages_of(ablate_chunking, "cpu", False)
+    copy = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, copy)
+    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    return base, copy
+
+
+def changed_stages(base: dict) -> list[str]:
+    changed = stages_of(ablate_chunking, "cpu", False)
+    return sorted(n for n in base if base[n] != changed[n])
+
+
 def test_a_changed_setting_changes_the_keys_of_the_stages_that_depend_on_it_only():
     base = stages_of(ablate_chunking, "cpu", False)
     more_eval = stages_of(ablate_chunking, "cpu", False, "eval_episodes=40")
     more_dp = stages_of(ablate_chunking, "cpu", False, "dp_steps=6000")
     workers = stages_of(ablate_chunking, "cpu", False, "workers=1")
     assert workers == base  # the number of processes does not change a result
-    evals = ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
-             "eval_full_chunk_paced", "eval_half_horizon_paced"]
-    assert [n for n in base if base[n] != more_eval[n]] == evals
-    assert [n for n in base if base[n] != more_dp[n]] == ["dp", *evals]
+    assert [n for n in base if base[n] != more_eval[n]] == EVALS
+    assert [n for n in base if base[n] != more_dp[n]] == ["dp", *EVALS]
     assert stages_of(ablate_chunking, "paper")["data"] != base["data"]  # another preset: other data (image size)
 
 
-def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_it_only(tmp_path, monkeypatch):
+def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_it_only(copied_configs):
     """Editing a preset file (here configs/dp/cpu.yaml's learning rate) reruns the DP and what reads
     it, not the data or the VLM; an edited comment reruns nothing."""
-    import configs
-
-    base = stages_of(ablate_chunking, "cpu", False)
-    copy = tmp_path / "configs"
-    shutil.copytree(configs.CONFIG_DIR, copy)
-    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    base, copy = copied_configs
     preset = copy / "dp" / "cpu.yaml"
     preset.write_text("# an edited comment\n" + preset.read_text())
     assert stages_of(ablate_chunking, "cpu", False) == base
     preset.write_text(preset.read_text().replace("lr: 3.0e-4", "lr: 1.0e-4"))
-    changed = stages_of(ablate_chunking, "cpu", False)
-    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
-        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
-         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+    assert changed_stages(base) == sorted(["dp", *EVALS])
 
 
-def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(tmp_path, monkeypatch):
+def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(copied_configs):
     """configs/dp.yaml without ``model.resnet_maxpool`` (as before the option existed) gives the
     keys of today's configs, where it is true (stages.KEY_NEUTRAL); set to false it reruns the DP."""
-    import configs
-
-    base = stages_of(ablate_chunking, "cpu", False)
-    copy = tmp_path / "configs"
-    shutil.copytree(configs.CONFIG_DIR, copy)
-    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    base, copy = copied_configs
     dp_yaml = copy / "dp.yaml"
     lines = dp_yaml.read_text().splitlines(keepends=True)
     assert sum("resnet_maxpool: true" in line for line in lines) == 1
     dp_yaml.write_text("".join(line for line in lines if "resnet_maxpool" not in line))
     assert stages_of(ablate_chunking, "cpu", False) == base
     dp_yaml.write_text("".join(lines).replace("resnet_maxpool: true", "resnet_maxpool: false"))
-    changed = stages_of(ablate_chunking, "cpu", False)
-    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
-        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
-         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+    assert changed_stages(base) == sorted(["dp", *EVALS])
 
 
-def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(tmp_path, monkeypatch):
+def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(copied_configs):
     """configs/eval.yaml without ``line_end_check``, ``max_line_steps``, ``hold_threshold`` and
     ``snap_holds`` (as before session 31) gives today's keys; ``line_end_check: chunk`` reruns the
     evaluations only."""
-    import configs
-
-    base = stages_of(ablate_chunking, "cpu", False)
-    copy = tmp_path / "configs"
-    shutil.copytree(configs.CONFIG_DIR, copy)
-    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    base, copy = copied_configs
     eval_yaml = copy / "eval.yaml"
     text = eval_yaml.read_text()
     before = OmegaConf.load(eval_yaml)
@@ -132,22 +130,14 @@ def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_st
     OmegaConf.save(before, eval_yaml)
     assert stages_of(ablate_chunking, "cpu", False) == base
     eval_yaml.write_text(text.replace("line_end_check: null", "line_end_check: chunk"))
-    changed = stages_of(ablate_chunking, "cpu", False)
-    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
-        ["eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
-         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+    assert changed_stages(base) == sorted(EVALS)
 
 
-def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished_stages(tmp_path, monkeypatch):
+def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished_stages(copied_configs):
     """configs/dp.yaml without its ``execution`` section (as before session 32) gives today's keys
     for the state preset, whose values are the neutral ones; ``snap_holds: true`` reruns the DP and
     its evaluations."""
-    import configs
-
-    base = stages_of(ablate_chunking, "cpu", False)
-    copy = tmp_path / "configs"
-    shutil.copytree(configs.CONFIG_DIR, copy)
-    monkeypatch.setattr(configs, "CONFIG_DIR", copy)
+    base, copy = copied_configs
     dp_yaml = copy / "dp.yaml"
     text = dp_yaml.read_text()
     before = OmegaConf.load(dp_yaml)
@@ -155,10 +145,7 @@ def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished
     OmegaConf.save(before, dp_yaml)
     assert stages_of(ablate_chunking, "cpu", False) == base
     dp_yaml.write_text(text.replace("snap_holds: false", "snap_holds: true"))
-    changed = stages_of(ablate_chunking, "cpu", False)
-    assert sorted(n for n in base if base[n] != changed[n]) == sorted(
-        ["dp", "eval_regenerate", "eval_full_chunk", "eval_half_horizon", "eval_regenerate_paced",
-         "eval_full_chunk_paced", "eval_half_horizon_paced"])
+    assert changed_stages(base) == sorted(["dp", *EVALS])
 
 
 def test_stage_keys_need_earlier_stages():
