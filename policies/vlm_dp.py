@@ -74,6 +74,23 @@ def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int, check: str = "tai
     return bool(np.all(np.abs(part[:, :3]) < threshold))
 
 
+EXECUTION_DEFAULTS = {"line_end_check": "tail", "max_line_steps": 100, "snap_holds": False}
+
+
+def check_execution(settings: dict) -> None:
+    """ConfigError unless ``settings`` (a DP config's ``execution``, or part of it) are valid."""
+    unknown = set(settings) - set(EXECUTION_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown execution setting(s) {sorted(unknown)}; use {sorted(EXECUTION_DEFAULTS)}")
+    if "line_end_check" in settings and settings["line_end_check"] not in LINE_END_CHECKS:
+        raise ConfigError(f"unknown line_end_check {settings['line_end_check']!r}; use one of {list(LINE_END_CHECKS)}")
+    steps = settings.get("max_line_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ConfigError(f"max_line_steps={steps!r} must be an integer >= 1")
+    if not isinstance(settings.get("snap_holds", False), (bool, np.bool_)):
+        raise ConfigError(f"snap_holds={settings['snap_holds']!r} must be true or false")
+
+
 def snap_to_holds(actions: np.ndarray, threshold: float = HOLD_THRESHOLD) -> np.ndarray:
     """``actions`` (n, 7) with the TCP translation of every action that holds (below
     ``threshold`` on every axis) set to exactly zero; orientation and suction unchanged."""
@@ -107,23 +124,21 @@ class ChunkedDP(Policy):
         super().__init__()
         self.dp = dp
         self.regenerate_on_keystep = bool(regenerate_on_keystep)
-        line_end_check = self.dp_default("line_end_check", "tail") if line_end_check is None else line_end_check
-        snap_holds = self.dp_default("snap_holds", False) if snap_holds is None else snap_holds
-        if line_end_check not in LINE_END_CHECKS:
-            raise ConfigError(f"unknown line_end_check {line_end_check!r}; use one of {list(LINE_END_CHECKS)}")
+        line_end_check = self.dp_default("line_end_check") if line_end_check is None else line_end_check
+        snap_holds = self.dp_default("snap_holds") if snap_holds is None else snap_holds
+        check_execution({"line_end_check": line_end_check, "snap_holds": snap_holds})
         self.line_end_check = line_end_check
         if not 0 < float(hold_threshold) <= 1:
             raise ConfigError(f"hold_threshold={hold_threshold} must be in (0, 1] (action units)")
         self.hold_threshold = float(hold_threshold)
-        if not isinstance(snap_holds, (bool, np.bool_)):
-            raise ConfigError(f"snap_holds={snap_holds!r} must be true or false")
         self.snap_holds = bool(snap_holds)
         self.n_action_steps = configure_chunking(dp, horizon, n_action_steps)
         self.queue: deque[np.ndarray] = deque()
 
-    def dp_default(self, name: str, default):
-        """The DP checkpoint's own test-time setting ``name`` (its ``execution``), else ``default``."""
-        return (getattr(self.dp, "execution", None) or {}).get(name, default)
+    def dp_default(self, name: str):
+        """The DP checkpoint's own test-time setting ``name`` (its ``execution``), else
+        :data:`EXECUTION_DEFAULTS`'s."""
+        return (getattr(self.dp, "execution", None) or {}).get(name, EXECUTION_DEFAULTS[name])
 
     def reset_instructions(self, prompt: str) -> None:
         raise NotImplementedError
@@ -281,7 +296,7 @@ class VLMDP(ChunkedDP):
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
         self.stop_on_done = bool(stop_on_done)
-        self.max_line_steps = int(self.dp_default("max_line_steps", 100) if max_line_steps is None else max_line_steps)
+        self.max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
         if self.max_line_steps < 1:
             raise ConfigError(f"max_line_steps={self.max_line_steps} must be >= 1")
         self.confirm_line_end = int(confirm_line_end)

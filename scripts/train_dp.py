@@ -24,6 +24,9 @@ def build(cfg):
     from lightning_modules.dp.processor import CONDITIONING, check_conditioning
 
     check_conditioning(cfg.conditioning)
+    from policies.vlm_dp import check_execution
+
+    check_execution(OmegaConf.to_container(cfg.execution))
     data_cfg = OmegaConf.to_container(cfg.data)
     if data_cfg["chunk_end"] == "auto":  # code lines end chunks; a flat DP has no lines
         data_cfg["chunk_end"] = "episode" if cfg.conditioning in ("task", "none") else "line"

@@ -334,6 +334,9 @@ def test_sigkill_then_resume_auto_restores_step_ema_and_optimizer(data, tmp_path
     (["trainer.max_steps=-5"], "trainer.max_steps=-5"),
     (["data.batch_size=0"], "data.batch_size=0"),
     (["model.image_size=-5"], "model.image_size=-5"),
+    (["execution.line_end_check=never"], "unknown line_end_check 'never'"),
+    (["execution.max_line_steps=0"], "max_line_steps=0"),
+    (["execution.snap_holds=maybe"], "snap_holds='maybe'"),
 ])
 def test_train_dp_cli_bad_input(args, message, tmp_path):
     r = run_cli(f"OUT={tmp_path / 'x'}", *args, timeout=120)
