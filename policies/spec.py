@@ -46,16 +46,17 @@ KINDS = {
     "dp_oracle": (True, False),
 }
 _CHUNKING = {"n_action_steps", "horizon"}
+_HOLDS = {"hold_threshold", "snap_holds"}  # ChunkedDP's: every kind with a DP
 # test-time settings of the DP's model (DiffusionPolicyModel, no weights) -> the part they need
 _DP_MODEL = {"keypoint_peak_window": ("keypoints", "named-object keypoints (model.object_keypoint_weight 0)"),
              "keypoint_target_hold": ("targets", "code targets (model.keypoint_targets false)")}
 OPTIONS = {
     "oracle": set(),
-    "flat_dp": _CHUNKING | set(_DP_MODEL) | {"hold_threshold", "snap_holds", "device"},
-    "vlm_dp": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "hold_threshold", "snap_holds", "constrain_objects", "keystep_on_hold",
+    "flat_dp": _CHUNKING | _HOLDS | set(_DP_MODEL) | {"device"},
+    "vlm_dp": _CHUNKING | _HOLDS | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "constrain_objects", "keystep_on_hold",
                            "query_every_step", "max_line_steps", "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
-    "dp_oracle": _CHUNKING | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "hold_threshold", "snap_holds", "insert_positions", "tracker_slack",
+    "dp_oracle": _CHUNKING | _HOLDS | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "insert_positions", "tracker_slack",
                               "pace", "reissue_after", "device"},
 }
 

@@ -60,6 +60,12 @@ HOLD_THRESHOLD = 0.05  # action units (2.5 mm per step): below it on every axis,
 LINE_END_CHECKS = ("tail", "chunk")
 
 
+def holds(actions: np.ndarray, threshold: float = HOLD_THRESHOLD) -> np.ndarray:
+    """(n,) bool: which of ``actions`` (n, 7) hold still, no TCP translation above ``threshold``
+    (action units) on any axis."""
+    return np.all(np.abs(np.asarray(actions)[:, :3]) < threshold, axis=1)
+
+
 def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int, check: str = "tail",
                        threshold: float = HOLD_THRESHOLD) -> bool:
     """A DP trained with ``chunk_end: line`` predicts holds after its line's end: True when the
@@ -71,7 +77,7 @@ def line_ends_in_chunk(chunk: np.ndarray, n_action_steps: int, check: str = "tai
         part = chunk
     else:
         part = chunk[n_action_steps:] if len(chunk) > n_action_steps else chunk[-max(1, len(chunk) // 4):]
-    return bool(np.all(np.abs(part[:, :3]) < threshold))
+    return bool(np.all(holds(part, threshold)))
 
 
 EXECUTION_DEFAULTS = {"line_end_check": "tail", "max_line_steps": 100, "snap_holds": False}
@@ -95,8 +101,7 @@ def snap_to_holds(actions: np.ndarray, threshold: float = HOLD_THRESHOLD) -> np.
     """``actions`` (n, 7) with the TCP translation of every action that holds (below
     ``threshold`` on every axis) set to exactly zero; orientation and suction unchanged."""
     actions = np.array(actions, dtype=np.float32, copy=True)
-    holds = np.all(np.abs(actions[:, :3]) < threshold, axis=1)
-    actions[holds, :3] = 0.0
+    actions[holds(actions, threshold), :3] = 0.0
     return actions
 
 
@@ -297,8 +302,7 @@ class VLMDP(ChunkedDP):
         self.query_every_step = bool(query_every_step)
         self.stop_on_done = bool(stop_on_done)
         self.max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
-        if self.max_line_steps < 1:
-            raise ConfigError(f"max_line_steps={self.max_line_steps} must be >= 1")
+        check_execution({"max_line_steps": self.max_line_steps})
         self.confirm_line_end = int(confirm_line_end)
         if self.confirm_line_end < 0:
             raise ConfigError(f"confirm_line_end={self.confirm_line_end} must be >= 0 (0: off)")
