@@ -88,18 +88,22 @@ class SkillExecutor:
 
 
 def run_code(env, lines, *, seed: int, record_obs: bool = False, max_steps: int | None = None,
-             reset: bool = True, obs=None, speed_scale: float = 1.0) -> Episode:
+             reset: bool = True, obs=None, speed_scale: float = 1.0,
+             travel_height: float | None = None) -> Episode:
     """Execute code lines (an iterable, possibly a generator reading the scene) in ``env``.
 
     ``lines`` may be a callable ``api -> iterable`` (the oracle) or a list of key-step lines
     (a replay). Code errors end the episode as a failure with the reason recorded.
-    ``speed_scale`` multiplies every speed the skills command (``controllers.Motion``).
+    ``speed_scale`` multiplies every speed the skills command and ``travel_height`` (m) is their
+    lowest travel height (``controllers.Motion``; None: the scripted one).
     """
     if reset:
         obs, _ = env.reset(seed=seed)
     base = env.unwrapped
     executor = SkillExecutor(base)
     executor.api.motion.speed_scale = float(speed_scale)
+    if travel_height is not None:
+        executor.api.motion.min_travel_height = float(travel_height)
     program = lines(executor.api) if callable(lines) else iter(lines)
     cap = max_steps or base.max_steps
     ep = Episode(task=base.task_name, seed=seed, prompt=base.prompt(), objects=list(base.specs), success=False)
@@ -132,10 +136,27 @@ def run_oracle(env, seed: int, **kwargs) -> Episode:
     return run_code(env, env.unwrapped.oracle, seed=seed, **kwargs)
 
 
-def oracle_speed_scale(seed: int, speed_range) -> float:
-    """The speed scale of seed ``seed``'s demonstration, uniform in ``speed_range`` = (lo, hi);
-    its own random stream, so the scene of the seed is unchanged. (1, 1): the oracle's speed."""
-    lo, hi = (float(v) for v in speed_range)
+# Per-seed variations of the oracle's demonstrations: ``make data <name>=[lo,hi]`` draws each seed's
+# value uniformly in [lo, hi] from the seed's own random stream (so its scene is unchanged) and
+# passes it to :func:`run_code` as ``keyword``. [default, default]: as scripted. Not in the paper.
+ORACLE_VARIATIONS = {
+    # skill speeds x a factor: how long a skill runs no longer tells how far it has got
+    "oracle_speed": {"keyword": "speed_scale", "default": 1.0, "bounds": (0.2, 2.0), "stream": 0x5BEED},
+    # the lowest travel height (m): a pick or push starts its descent from varied heights
+    "oracle_travel_height": {"keyword": "travel_height", "default": 0.12, "bounds": (0.08, 0.25),
+                             "stream": 0x7A1E},
+}
+
+
+def oracle_variation(seed: int, name: str, value_range) -> float:
+    """Seed ``seed``'s value of the variation ``name`` (a key of ``ORACLE_VARIATIONS``), uniform in
+    ``value_range`` = (lo, hi) from its own random stream; lo == hi gives lo."""
+    lo, hi = (float(v) for v in value_range)
     if lo == hi:
         return lo
-    return float(np.random.default_rng([int(seed), 0x5BEED]).uniform(lo, hi))
+    return float(np.random.default_rng([int(seed), ORACLE_VARIATIONS[name]["stream"]]).uniform(lo, hi))
+
+
+def oracle_variations(seed: int, ranges: dict) -> dict:
+    """``run_code`` keywords of seed ``seed`` for ``ranges`` = {variation name: (lo, hi)}."""
+    return {ORACLE_VARIATIONS[n]["keyword"]: oracle_variation(seed, n, r) for n, r in ranges.items()}

@@ -76,7 +76,8 @@ def config_defaults(kind: str, preset: str | None = None) -> dict:
 # adding it does not orphan finished stages (``resnet_maxpool`` did, in session 11: every DP stage's
 # key changed, and the state DPs, which have no ResNet, were renamed by hand); another value changes
 # the key as any setting does. Add an option here only when that value really changes nothing.
-KEY_NEUTRAL = {"train_dp": {"model.resnet_maxpool": True, "model.aux_object_weight": 0.0, "model.image_film": False,
+KEY_NEUTRAL = {"data": {"oracle_travel_height": [0.12, 0.12]},
+               "train_dp": {"model.resnet_maxpool": True, "model.aux_object_weight": 0.0, "model.image_film": False,
                             "model.object_keypoint_weight": 0.0,
                             "model.keypoint_memory_names": False, "model.keypoint_table_resting_only": False,
                             "model.keypoint_peak_window": 0, "model.random_shift": False,

@@ -25,7 +25,8 @@ during training without a VLM.
   * ``dp`` (not in the paper): the DP ends it, as the DP paces VLM+DP with
     ``query_every_step=false``: the oracle's program gives its next line when the DP's chunk ends
     in holds (a DP trained with ``chunk_end: line`` holds at its line's end;
-    :func:`~policies.vlm_dp.line_ends_in_chunk`), or after ``max_line_steps`` steps of one line.
+    :func:`~policies.vlm_dp.line_ends_in_chunk`), or after ``max_line_steps`` steps of one line
+    (None: the DP checkpoint's own ``execution``, as in VLMDP).
     The program's queries (``pose_dict`` assignments) are still evaluated on the current scene;
     its skills are never stepped, so no skill's step cap or phase can end a line that the DP is
     still executing.
@@ -50,7 +51,7 @@ from envs.skills import CodeError
 from configs.errors import ConfigError
 
 from .base import PolicyFailure
-from .vlm_dp import ChunkedDP
+from .vlm_dp import ChunkedDP, check_execution
 
 PACES = ("tracker", "dp")  # who ends a line: the oracle's skill, or the DP (holds at its line's end)
 _POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"])(.*?)\1\]\s*=(?!=)")
@@ -134,14 +135,15 @@ class DPOracle(ChunkedDP):
     kind = "dp_oracle"
 
     def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, pace: str = "tracker",
-                 max_line_steps: int = 100, reissue_after: int = 36, **chunking):
+                 max_line_steps: int | None = None, reissue_after: int = 36, **chunking):
         super().__init__(dp, **chunking)
         if pace not in PACES:
             raise ConfigError(f"unknown pace {pace!r} for dp_oracle; use one of {list(PACES)}")
         self.insert_positions = bool(insert_positions)
         self.tracker_slack = float(tracker_slack)
         self.pace = pace
-        self.max_line_steps = int(max_line_steps)
+        self.max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
+        check_execution({"max_line_steps": self.max_line_steps})
         self.reissue_after = int(reissue_after)
         if self.reissue_after < 0:
             raise ConfigError(f"reissue_after={self.reissue_after} must be >= 0 (0: off)")

@@ -15,7 +15,7 @@ oracle      OracleOnly: the scripted oracle              -             -
 flat_dp     FlatDP: DP conditioned on the task prompt    dp            chunking, device
 vlm_dp      VLMDP: VLM instructions + DP (paper 4.3)     dp, vlm       chunking, regenerate_on_keystep, constrain_objects, keystep_on_hold, query_every_step, confirm_line_end, stop_on_done, device
 vlm_oracle  VLMOracle: VLM key-steps + oracle skills     vlm           constrain_objects, device
-dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, pace, reissue_after, device
+dp_oracle   DPOracle: DP told the oracle's positions     dp            chunking, regenerate_on_keystep, insert_positions, tracker_slack, pace, max_line_steps, reissue_after, device
 ==========  ===========================================  ============  =====================
 
 Chunking options: ``n_action_steps`` and ``horizon`` (0 or absent: the checkpoint's own).
@@ -57,7 +57,7 @@ OPTIONS = {
                            "query_every_step", "max_line_steps", "confirm_line_end", "stop_on_done", "device"},
     "vlm_oracle": {"constrain_objects", "device"},
     "dp_oracle": _CHUNKING | _HOLDS | set(_DP_MODEL) | {"regenerate_on_keystep", "line_end_check", "insert_positions", "tracker_slack",
-                              "pace", "reissue_after", "device"},
+                              "pace", "max_line_steps", "reissue_after", "device"},
 }
 
 
@@ -185,6 +185,7 @@ def _make(spec: PolicySpec, opts: dict, dp, vlm):
 
     slack = {"tracker_slack": float(opts.pop("tracker_slack"))} if "tracker_slack" in opts else {}
     pace = {"pace": str(opts.pop("pace"))} if "pace" in opts else {}
-    if "reissue_after" in opts:
-        pace["reissue_after"] = int(opts.pop("reissue_after"))
+    for k in ("reissue_after", "max_line_steps"):
+        if k in opts:
+            pace[k] = int(opts.pop(k))
     return DPOracle(dp, insert_positions=bool(opts.pop("insert_positions", True)), **slack, **pace, **chunking)

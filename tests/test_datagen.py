@@ -124,6 +124,8 @@ def test_kill_9_then_rerun_completes_without_duplicates(tmp_path):
     (["POLICY=vlm_oracle"], "POLICY=vlm_oracle needs VLM=<export folder of make train-vlm>"),
     (["POLICY=vlm_oracle", "VLM=/nonexistent/export"], "VLM=/nonexistent/export: no such exported VLM folder"),
     (["POLICY=vlm_oracle", "oracle_speed=[0.6,1.0]"], "oracle_speed applies to POLICY=oracle only"),
+    (["oracle_travel_height=[0.3,0.3]"], "oracle_travel_height=[0.3, 0.3]: expected [lo, hi] with 0.08 <= lo"),
+    (["oracle_travel_height=0.15"], "oracle_travel_height"),
 ])
 def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
@@ -151,6 +153,27 @@ def test_oracle_speed_varies_how_long_skills_run_not_the_scenes(dataset, tmp_pat
     assert json.loads((tmp_path / "manifest.json").read_text())["generator"]["oracle_speed"] == [0.6, 0.6]
     r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=3", check=False)  # the default speed, same OUT
     assert r.returncode == 2 and "oracle_speed=[0.6, 0.6]" in r.stderr
+
+
+def test_oracle_travel_height_raises_the_descents_not_the_scenes_or_the_code(dataset, tmp_path):
+    """oracle_travel_height=[lo,hi]: each seed's oracle travels (and starts its pick) at least that
+    high; the scene and the code program are the seed's; a folder keeps one setting."""
+    r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=2", "oracle_travel_height=[0.16,0.16]")
+    assert r.returncode == 0
+    for seed in (0, 1):
+        name = schema.episode_name(seed) + ".h5"
+        with h5py.File(dataset / "PlaceNextTo" / name) as a, h5py.File(tmp_path / "PlaceNextTo" / name) as b:
+            ea, eb = a["episode"], b["episode"]
+            assert np.array_equal(ea["obs/base_rgb"][0], eb["obs/base_rgb"][0])  # same scene
+            code = lambda e: [c for c, k in zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:]) if k]
+            assert code(ea) == code(eb)
+            pick_z = lambda e: [e["obs/tcp_pose"][t, 2] for t, (c, k) in enumerate(
+                zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:])) if k and c.startswith(b"pick")][0]
+            assert pick_z(ea) == pytest.approx(0.12, abs=0.01)
+            assert pick_z(eb) == pytest.approx(0.16, abs=0.01)
+    assert json.loads((tmp_path / "manifest.json").read_text())["generator"]["oracle_travel_height"] == [0.16, 0.16]
+    r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=3", check=False)  # as scripted, same OUT
+    assert r.returncode == 2 and "oracle_travel_height=[0.16, 0.16]" in r.stderr
 
 
 def test_foreign_files_are_rejected(tmp_path):

@@ -148,6 +148,20 @@ def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished
     assert changed_stages(base) == sorted(["dp", *EVALS])
 
 
+def test_data_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(copied_configs):
+    """configs/data.yaml without ``oracle_travel_height`` (as before session 33) gives today's keys;
+    a varied travel height reruns the data and every stage after it."""
+    base, copy = copied_configs
+    data_yaml = copy / "data.yaml"
+    text = data_yaml.read_text()
+    before = OmegaConf.load(data_yaml)
+    del before["oracle_travel_height"]
+    OmegaConf.save(before, data_yaml)
+    assert stages_of(ablate_chunking, "cpu", False) == base
+    data_yaml.write_text(text.replace("oracle_travel_height: [0.12, 0.12]", "oracle_travel_height: [0.11, 0.16]"))
+    assert changed_stages(base) == sorted(base)
+
+
 def test_stage_keys_need_earlier_stages():
     with pytest.raises(ValueError, match="not an earlier stage"):
         stage_keys([Stage("dp", "train_dp", {}, {"DATA": ("data", "")})])

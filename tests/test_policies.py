@@ -264,6 +264,11 @@ def test_the_dp_checkpoints_execution_settings_are_the_defaults_and_options_over
     told = VLMDP(LoggingPlanner(lines), dp, line_end_check="tail", max_line_steps=7, snap_holds=False)
     assert (told.line_end_check, told.max_line_steps, told.snap_holds) == ("tail", 7, False)
     assert FlatDP(dp).snap_holds and not FlatDP(dp, snap_holds=False).snap_holds
+    # DP+Oracle's dp pace ends a line after the checkpoint's max_line_steps too
+    assert DPOracle(CountingDP(horizon=8), pace="dp").max_line_steps == 100
+    assert DPOracle(dp, pace="dp").max_line_steps == 40 and DPOracle(dp, max_line_steps=7).max_line_steps == 7
+    with pytest.raises(ConfigError, match="max_line_steps"):
+        DPOracle(dp, max_line_steps=0)
     with pytest.raises(ConfigError, match="snap_holds"):
         FlatDP(dp, snap_holds="yes")
 

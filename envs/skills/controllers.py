@@ -22,6 +22,7 @@ Q_DOWN = np.array([0.0, 1.0, 0.0, 0.0])  # TCP z-axis pointing at the table
 FAST = 0.025  # m per control step (0.5 m/s at 20 Hz)
 SLOW = 0.008
 CLEARANCE = 0.045  # free height kept above every object while travelling
+MIN_TRAVEL_HEIGHT = 0.12  # lowest TCP travel height (m), the oracle's as scripted
 
 
 class Motion:
@@ -37,6 +38,10 @@ class Motion:
         # can draw it per episode (``make data oracle_speed=[lo,hi]``) so that how long a skill
         # runs varies between demonstrations and only the scene tells when it is done.
         self.speed_scale = 1.0
+        # The lowest travel height. Data generation can draw it per episode (``make data
+        # oracle_travel_height=[lo,hi]``) so that picks, pushes and topples start their descent
+        # from varied heights and only the scene (the TCP's height, the seal) tells when to stop.
+        self.min_travel_height = MIN_TRAVEL_HEIGHT
 
     def cap(self, max_steps: int) -> int:
         return int(round(max_steps * self.slack))
@@ -68,7 +73,7 @@ class Motion:
         z = max(tops, default=0.0) + CLEARANCE
         if held is not None:
             z += self.tcp()[2] - self.bottom(held)
-        return max(z, 0.12)
+        return max(z, self.min_travel_height)
 
     def column(self, name: str) -> list[str]:
         """``name`` and the objects standing over its footprint (a stack on it)."""
