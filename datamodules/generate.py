@@ -69,7 +69,8 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     if _WORKER_CFG["solver"]["policy"] == "vlm_oracle":
         ep = run_vlm_oracle(env, _WORKER_CFG["planner"], seed)
     else:
-        ep = run_oracle(env, seed, record_obs=True, **oracle_variations(seed, _WORKER_CFG["solver"]["variations"]))
+        ep = run_oracle(env, seed, record_obs=True,
+                        **oracle_variations(seed, _WORKER_CFG["solver"].get("variations", {})))
     folder = Path(_WORKER_CFG["out"]) / task
     name = schema.episode_name(seed)
     if not ep.success:

@@ -136,20 +136,27 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, args, mess
     assert not out.exists()
 
 
+def _varied_episodes(dataset: Path, varied: Path):
+    """(reference, varied) ``episode`` groups of PlaceNextTo seeds 0 and 1, each pair checked to
+    have the same scene and code program (an oracle variation changes neither)."""
+    code = lambda e: [c for c, k in zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:]) if k]
+    for seed in (0, 1):
+        name = schema.episode_name(seed) + ".h5"
+        with h5py.File(dataset / "PlaceNextTo" / name) as a, h5py.File(varied / "PlaceNextTo" / name) as b:
+            ea, eb = a["episode"], b["episode"]
+            assert np.array_equal(ea["obs/base_rgb"][0], eb["obs/base_rgb"][0])  # same scene
+            assert code(ea) == code(eb)
+            yield ea, eb
+
+
 def test_oracle_speed_varies_how_long_skills_run_not_the_scenes(dataset, tmp_path):
     """oracle_speed=[lo,hi]: each seed's oracle runs at its own speed factor; the scene and the
     code program are the seed's, the episode is longer; a folder keeps one speed setting."""
     r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=2", "oracle_speed=[0.6,0.6]")
     assert r.returncode == 0
-    for seed in (0, 1):
-        name = schema.episode_name(seed) + ".h5"
-        with h5py.File(dataset / "PlaceNextTo" / name) as a, h5py.File(tmp_path / "PlaceNextTo" / name) as b:
-            ea, eb = a["episode"], b["episode"]
-            assert np.array_equal(ea["obs/base_rgb"][0], eb["obs/base_rgb"][0])  # same scene
-            code = lambda e: [c for c, k in zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:]) if k]
-            assert code(ea) == code(eb)
-            assert len(eb["actions"]) > 1.3 * len(ea["actions"])
-            assert np.abs(eb["actions"][:, :3]).max() <= 0.6 * np.abs(ea["actions"][:, :3]).max() + 1e-4
+    for ea, eb in _varied_episodes(dataset, tmp_path):
+        assert len(eb["actions"]) > 1.3 * len(ea["actions"])
+        assert np.abs(eb["actions"][:, :3]).max() <= 0.6 * np.abs(ea["actions"][:, :3]).max() + 1e-4
     assert json.loads((tmp_path / "manifest.json").read_text())["generator"]["oracle_speed"] == [0.6, 0.6]
     r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=3", check=False)  # the default speed, same OUT
     assert r.returncode == 2 and "oracle_speed=[0.6, 0.6]" in r.stderr
@@ -160,17 +167,11 @@ def test_oracle_travel_height_raises_the_descents_not_the_scenes_or_the_code(dat
     high; the scene and the code program are the seed's; a folder keeps one setting."""
     r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=2", "oracle_travel_height=[0.16,0.16]")
     assert r.returncode == 0
-    for seed in (0, 1):
-        name = schema.episode_name(seed) + ".h5"
-        with h5py.File(dataset / "PlaceNextTo" / name) as a, h5py.File(tmp_path / "PlaceNextTo" / name) as b:
-            ea, eb = a["episode"], b["episode"]
-            assert np.array_equal(ea["obs/base_rgb"][0], eb["obs/base_rgb"][0])  # same scene
-            code = lambda e: [c for c, k in zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:]) if k]
-            assert code(ea) == code(eb)
-            pick_z = lambda e: [e["obs/tcp_pose"][t, 2] for t, (c, k) in enumerate(
-                zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:])) if k and c.startswith(b"pick")][0]
-            assert pick_z(ea) == pytest.approx(0.12, abs=0.01)
-            assert pick_z(eb) == pytest.approx(0.16, abs=0.01)
+    pick_z = lambda e: [e["obs/tcp_pose"][t, 2] for t, (c, k) in enumerate(
+        zip(e["labels/oracle/code"][:], e["labels/oracle/key_step"][:])) if k and c.startswith(b"pick")][0]
+    for ea, eb in _varied_episodes(dataset, tmp_path):
+        assert pick_z(ea) == pytest.approx(0.12, abs=0.01)
+        assert pick_z(eb) == pytest.approx(0.16, abs=0.01)
     assert json.loads((tmp_path / "manifest.json").read_text())["generator"]["oracle_travel_height"] == [0.16, 0.16]
     r = _generate(tmp_path, "TASKS=PlaceNextTo", "EPISODES=3", check=False)  # as scripted, same OUT
     assert r.returncode == 2 and "oracle_travel_height=[0.16, 0.16]" in r.stderr

@@ -117,49 +117,33 @@ def test_an_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(
     assert changed_stages(base) == sorted(["dp", *EVALS])
 
 
-def test_eval_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(copied_configs):
-    """configs/eval.yaml without ``line_end_check``, ``max_line_steps``, ``hold_threshold`` and
-    ``snap_holds`` (as before session 31) gives today's keys; ``line_end_check: chunk`` reruns the
-    evaluations only."""
+@pytest.mark.parametrize("config, dropped, change, changed", [
+    # configs/eval.yaml as before session 31; ``line_end_check: chunk`` reruns the evaluations only
+    ("eval.yaml", ["policy_options.line_end_check", "policy_options.max_line_steps",
+                   "policy_options.hold_threshold", "policy_options.snap_holds"],
+     ("line_end_check: null", "line_end_check: chunk"), EVALS),
+    # configs/dp.yaml without its ``execution`` section (before session 32), whose values are the
+    # state preset's and neutral; ``snap_holds: true`` reruns the DP and its evaluations
+    ("dp.yaml", ["execution"], ("snap_holds: false", "snap_holds: true"), ["dp", *EVALS]),
+    # configs/data.yaml as before session 33; a varied travel height reruns every stage
+    ("data.yaml", ["oracle_travel_height"],
+     ("oracle_travel_height: [0.12, 0.12]", "oracle_travel_height: [0.11, 0.16]"), None),
+])
+def test_options_added_at_their_neutral_values_keep_the_keys_of_finished_stages(copied_configs, config, dropped,
+                                                                                change, changed):
+    """A config without options added later (stages.KEY_NEUTRAL) gives today's keys; another value
+    of one of them reruns what depends on it (``changed``; None: everything)."""
     base, copy = copied_configs
-    eval_yaml = copy / "eval.yaml"
-    text = eval_yaml.read_text()
-    before = OmegaConf.load(eval_yaml)
-    for name in ("line_end_check", "max_line_steps", "hold_threshold", "snap_holds"):
-        del before.policy_options[name]
-    OmegaConf.save(before, eval_yaml)
+    path = copy / config
+    text = path.read_text()
+    before = OmegaConf.load(path)
+    for dotted in dropped:
+        *parents, leaf = dotted.split(".")
+        del (OmegaConf.select(before, ".".join(parents)) if parents else before)[leaf]
+    OmegaConf.save(before, path)
     assert stages_of(ablate_chunking, "cpu", False) == base
-    eval_yaml.write_text(text.replace("line_end_check: null", "line_end_check: chunk"))
-    assert changed_stages(base) == sorted(EVALS)
-
-
-def test_dp_execution_settings_at_their_neutral_values_keep_the_keys_of_finished_stages(copied_configs):
-    """configs/dp.yaml without its ``execution`` section (as before session 32) gives today's keys
-    for the state preset, whose values are the neutral ones; ``snap_holds: true`` reruns the DP and
-    its evaluations."""
-    base, copy = copied_configs
-    dp_yaml = copy / "dp.yaml"
-    text = dp_yaml.read_text()
-    before = OmegaConf.load(dp_yaml)
-    del before["execution"]
-    OmegaConf.save(before, dp_yaml)
-    assert stages_of(ablate_chunking, "cpu", False) == base
-    dp_yaml.write_text(text.replace("snap_holds: false", "snap_holds: true"))
-    assert changed_stages(base) == sorted(["dp", *EVALS])
-
-
-def test_data_option_added_at_its_neutral_value_keeps_the_keys_of_finished_stages(copied_configs):
-    """configs/data.yaml without ``oracle_travel_height`` (as before session 33) gives today's keys;
-    a varied travel height reruns the data and every stage after it."""
-    base, copy = copied_configs
-    data_yaml = copy / "data.yaml"
-    text = data_yaml.read_text()
-    before = OmegaConf.load(data_yaml)
-    del before["oracle_travel_height"]
-    OmegaConf.save(before, data_yaml)
-    assert stages_of(ablate_chunking, "cpu", False) == base
-    data_yaml.write_text(text.replace("oracle_travel_height: [0.12, 0.12]", "oracle_travel_height: [0.11, 0.16]"))
-    assert changed_stages(base) == sorted(base)
+    path.write_text(text.replace(*change))
+    assert changed_stages(base) == sorted(changed or base)
 
 
 def test_stage_keys_need_earlier_stages():
