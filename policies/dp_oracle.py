@@ -51,7 +51,7 @@ from envs.skills import CodeError
 from configs.errors import ConfigError
 
 from .base import PolicyFailure
-from .vlm_dp import ChunkedDP, check_execution
+from .vlm_dp import ChunkedDP
 
 PACES = ("tracker", "dp")  # who ends a line: the oracle's skill, or the DP (holds at its line's end)
 _POSE_ASSIGN = re.compile(r"^\s*pose_dict\[(['\"])(.*?)\1\]\s*=(?!=)")
@@ -135,15 +135,13 @@ class DPOracle(ChunkedDP):
     kind = "dp_oracle"
 
     def __init__(self, dp, *, insert_positions: bool = True, tracker_slack: float = 2.0, pace: str = "tracker",
-                 max_line_steps: int | None = None, reissue_after: int = 36, **chunking):
+                 reissue_after: int = 36, **chunking):
         super().__init__(dp, **chunking)
         if pace not in PACES:
             raise ConfigError(f"unknown pace {pace!r} for dp_oracle; use one of {list(PACES)}")
         self.insert_positions = bool(insert_positions)
         self.tracker_slack = float(tracker_slack)
         self.pace = pace
-        self.max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
-        check_execution({"max_line_steps": self.max_line_steps})
         self.reissue_after = int(reissue_after)
         if self.reissue_after < 0:
             raise ConfigError(f"reissue_after={self.reissue_after} must be >= 0 (0: off)")

@@ -125,14 +125,19 @@ class ChunkedDP(Policy):
 
     def __init__(self, dp, *, regenerate_on_keystep: bool = True, n_action_steps: int | None = None,
                  horizon: int | None = None, line_end_check: str | None = None,
-                 hold_threshold: float = HOLD_THRESHOLD, snap_holds: bool | None = None):
+                 hold_threshold: float = HOLD_THRESHOLD, snap_holds: bool | None = None,
+                 max_line_steps: int | None = None):
         super().__init__()
         self.dp = dp
         self.regenerate_on_keystep = bool(regenerate_on_keystep)
+        # the execution settings: None takes the checkpoint's own (max_line_steps: the step cap of
+        # one line, for the policies whose lines the DP paces: VLMDP, DPOracle's ``dp`` pace)
         line_end_check = self.dp_default("line_end_check") if line_end_check is None else line_end_check
         snap_holds = self.dp_default("snap_holds") if snap_holds is None else snap_holds
-        check_execution({"line_end_check": line_end_check, "snap_holds": snap_holds})
+        max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
+        check_execution({"line_end_check": line_end_check, "snap_holds": snap_holds, "max_line_steps": max_line_steps})
         self.line_end_check = line_end_check
+        self.max_line_steps = max_line_steps
         if not 0 < float(hold_threshold) <= 1:
             raise ConfigError(f"hold_threshold={hold_threshold} must be in (0, 1] (action units)")
         self.hold_threshold = float(hold_threshold)
@@ -294,15 +299,12 @@ class VLMDP(ChunkedDP):
     kind = "vlm_dp"
 
     def __init__(self, planner: Planner, dp, keystep_on_hold: bool = True, query_every_step: bool = True,
-                 max_line_steps: int | None = None, confirm_line_end: int = 0, stop_on_done: bool = True,
-                 **chunking):
+                 confirm_line_end: int = 0, stop_on_done: bool = True, **chunking):
         super().__init__(dp, **chunking)
         self.planner = planner
         self.keystep_on_hold = bool(keystep_on_hold)
         self.query_every_step = bool(query_every_step)
         self.stop_on_done = bool(stop_on_done)
-        self.max_line_steps = int(self.dp_default("max_line_steps") if max_line_steps is None else max_line_steps)
-        check_execution({"max_line_steps": self.max_line_steps})
         self.confirm_line_end = int(confirm_line_end)
         if self.confirm_line_end < 0:
             raise ConfigError(f"confirm_line_end={self.confirm_line_end} must be >= 0 (0: off)")
