@@ -62,15 +62,17 @@ def _worker_env(task: str):
 
 def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     """Worker job: solve ``seed`` (oracle or VLM+Oracle) and write its file (or a .failed marker)."""
-    from envs.oracle import oracle_variations, run_oracle
+    from envs.oracle import ORACLE_VARIATIONS, oracle_variations, run_oracle
     from envs.tabletop import observation_arrays
 
     env = _worker_env(task)
-    if _WORKER_CFG["solver"]["policy"] == "vlm_oracle":
+    solver = _WORKER_CFG["solver"]
+    if solver["policy"] == "vlm_oracle":
         ep = run_vlm_oracle(env, _WORKER_CFG["planner"], seed)
-    else:
-        ep = run_oracle(env, seed, record_obs=True,
-                        **oracle_variations(seed, _WORKER_CFG["solver"].get("variations", {})))
+    else:  # the variations not as scripted (a solver without ranges runs as scripted)
+        varied = {n: solver[n] for n, v in ORACLE_VARIATIONS.items()
+                  if n in solver and tuple(solver[n]) != (v["default"],) * 2}
+        ep = run_oracle(env, seed, record_obs=True, **oracle_variations(seed, varied))
     folder = Path(_WORKER_CFG["out"]) / task
     name = schema.episode_name(seed)
     if not ep.success:
@@ -125,7 +127,7 @@ def run_vlm_oracle(env, planner, seed: int):
 def solver_config(cfg) -> dict:
     """``{"policy": ..., "vlm": ...}`` (or the oracle's variations, ``envs.oracle.ORACLE_VARIATIONS``:
     ``oracle_speed`` ... as [lo, hi]) of a data config, checked (raises a user error); a config
-    without ``policy`` (a programmatic one) is the oracle's. ``variations``: the ones not as scripted."""
+    without ``policy`` (a programmatic one) is the oracle's."""
     from envs.oracle import ORACLE_VARIATIONS
 
     policy = str(cfg.get("policy", "oracle"))
@@ -143,7 +145,7 @@ def solver_config(cfg) -> dict:
         ranges[name] = tuple(value)
     varied = {n: r for n, r in ranges.items() if r != (ORACLE_VARIATIONS[n]["default"],) * 2}
     if policy == "oracle":
-        return {"policy": policy, **ranges, "variations": varied}
+        return {"policy": policy, **ranges}
     if varied:
         raise ConfigError(f"{next(iter(varied))} applies to POLICY=oracle only (POLICY={policy} runs the VLM's "
                           f"plan with the skills as scripted)")
@@ -152,7 +154,7 @@ def solver_config(cfg) -> dict:
     if not Path(cfg.vlm).exists():
         raise MissingInputError(f"VLM={cfg.vlm}: no such exported VLM folder; train one with `make train-vlm` "
                                 f"(it writes <out>/export)")
-    return {"policy": policy, "vlm": str(Path(cfg.vlm).resolve()), "variations": {}}
+    return {"policy": policy, "vlm": str(Path(cfg.vlm).resolve())}
 
 
 def scan(folder: Path) -> tuple[set[int], dict[int, str]]:
@@ -194,7 +196,7 @@ def generate(cfg, tasks: list[str], progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": schema.FORMAT, "version": schema.VERSION, "generator": dict(
         seed_start=int(cfg.seed_start), episodes=int(cfg.episodes), env=env_cfg,
-        **{k: v for k, v in solver.items() if k != "variations"}), "tasks": {}}
+        **solver), "tasks": {}}
     if before.get("env") == env_cfg:  # the other tasks of the folder (an earlier command) stay listed
         manifest["tasks"] = {t: info for t, info in previous.get("tasks", {}).items() if t not in tasks}
     workers = max(1, int(cfg.workers))

@@ -31,6 +31,8 @@ COSTS = {
     "data_episode": 0.15,        # per episode and worker, plus data_step per oracle step
     "data_step": 0.009,
     "train_dp_step": 0.25,       # cpu preset state DP, batch 64: about 4 steps/s
+    "train_dp_step_rgb": 0.45,   # cpu_rgb image DP: 6000 steps in 38 min alone with two threads (session 33),
+                                 # x 1.2 side by side as for the state DP; an estimate, not measured side by side
     "train_vlm_step": 0.9,       # cpu preset tiny LLaVA: about 1.1 steps/s
     "relabel_step": 0.012,       # one VLM query per data step (early stopping, prefix cache)
     "eval_step": {"oracle": 0.008, "flat_dp": 0.015, "vlm_oracle": 0.02, "vlm_dp": 0.035, "dp_oracle": 0.035},
@@ -157,6 +159,8 @@ class Builder:
         per_step, workers = COSTS["data_step"], self.s["workers"]
         if vlm is None and self.s["oracle_speed"] != "[1.0,1.0]":
             args["oracle_speed"] = self.s["oracle_speed"]  # per-seed skill speed (make data, README)
+        if vlm is None and self.s["oracle_travel_height"] != "[0.12,0.12]":
+            args["oracle_travel_height"] = self.s["oracle_travel_height"]  # per-seed travel height (make data)
         if vlm is not None:  # each worker holds a VLM (on the GPU if there is one): as many as evaluate
             args.update(POLICY="vlm_oracle", max_seeds_factor=5)
             inputs["VLM"] = (vlm, "export")
@@ -178,7 +182,8 @@ class Builder:
            data_path: str = "", **extra) -> str:
         """A diffusion policy (``make train-dp``) on ``tasks`` of ``data`` (a data or relabel stage)."""
         steps = int(steps or self.s["dp_steps"])
-        args = {"DATASET": ",".join(tasks), "PRESET": self.preset, "CONDITIONING": conditioning,
+        preset = self.s["dp_preset"]
+        args = {"DATASET": ",".join(tasks), "PRESET": preset, "CONDITIONING": conditioning,
                 "trainer.max_steps": steps, "trainer.val_check_interval": max(1, min(int(self.s["dp_val_every"]), steps)),
                 "model.image_size": self.s["image_size"], **extra}
         if self.preset == "cpu":
@@ -186,7 +191,8 @@ class Builder:
         if self.quick:
             args.update({"data.batch_size": 8, "val_sample_batches": 1})
         return self._add(Stage(name, "train_dp", args, {"DATA": (data, data_path)}, {},
-                               COSTS["startup"] + steps * COSTS["train_dp_step"]))
+                               COSTS["startup"] + steps * COSTS["train_dp_step_rgb" if preset == "cpu_rgb"
+                                                                else "train_dp_step"]))
 
     def relabel(self, name: str, data: str, tasks: list[str], vlm: str) -> str:
         """A copy of ``data`` with ``labels/vlm`` written by the VLM (``make relabel-dp``); DPs read
@@ -234,16 +240,21 @@ class Builder:
 # 30 of 32 on L0, README; the paper's oracle runs at one speed). confirm_line_end: make eval's
 # CONFIRM_LINE_END for DP-paced VLM+DP evaluations (off: it lifted VLM+DP on L0 from 82.0 to 91.4 % with
 # a 13000-step DP, but lowered the demo's 5000-step DP from 59.4 to 34.4 %, README; not in the paper).
+# dp_preset: the DPs' PRESET (configs/dp/<name>.yaml; cpu_rgb: the image DP at CPU size).
+# oracle_travel_height: make data's per-seed range of the oracle's lowest travel height (m).
 COMMON = {
     "cpu": {"image_size": 64, "workers": 2, "eval_workers": 2, "envs_per_worker": 1, "eval_episodes": 32,
             "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 500, "vlm_val_every": 250,
-            "query_every_step": False, "oracle_speed": "[0.6,1.0]", "confirm_line_end": 0},
+            "query_every_step": False, "oracle_speed": "[0.6,1.0]", "confirm_line_end": 0, "dp_preset": "cpu",
+            "oracle_travel_height": "[0.12,0.12]"},
     "paper": {"image_size": 128, "workers": 8, "eval_workers": 1, "envs_per_worker": 8, "eval_episodes": 64,
               "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 5000, "vlm_val_every": 1000,
-              "query_every_step": True, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0},
+              "query_every_step": True, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0, "dp_preset": "paper",
+              "oracle_travel_height": "[0.12,0.12]"},
     "quick": {"image_size": 32, "workers": 1, "eval_workers": 0, "envs_per_worker": 1, "eval_episodes": 1,
               "eval_max_steps": 20, "video_episodes": 0, "dp_val_every": 5, "vlm_val_every": 6,
-              "query_every_step": False, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0},
+              "query_every_step": False, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0, "dp_preset": "cpu",
+              "oracle_travel_height": "[0.12,0.12]"},
 }
 # 0 is meaningful for these; other counts are >= 1
 ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end"}
@@ -275,4 +286,9 @@ def settings(sizes: dict, preset: str, quick: bool, overrides: list[str]) -> dic
                 raise ConfigError(f"{key}={s[key]}: must be >= {low}")
         else:
             s[key] = value
+    from configs import CONFIG_DIR
+
+    dp_presets = sorted(p.stem for p in (CONFIG_DIR / "dp").glob("*.yaml"))
+    if s["dp_preset"] not in dp_presets:
+        raise ConfigError(f"dp_preset={s['dp_preset']!r}: expected one of {dp_presets}")
     return s

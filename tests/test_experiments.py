@@ -93,6 +93,24 @@ def test_a_changed_setting_changes_the_keys_of_the_stages_that_depend_on_it_only
     assert stages_of(ablate_chunking, "paper")["data"] != base["data"]  # another preset: other data (image size)
 
 
+def test_the_dp_preset_and_travel_height_settings_reach_their_stages_only():
+    base = stages_of(swap, "cpu", False)
+    rgb = settings(swap.SIZES, "cpu", False, ["dp_preset=cpu_rgb"])
+    b = Builder("cpu", False, rgb)
+    stages = swap.build(b, rgb).stages
+    dps = [st for st in stages if st.kind == "train_dp"]
+    assert dps and all(st.args["PRESET"] == "cpu_rgb" for st in dps)
+    assert all(st.args["PRESET"] == "cpu" for st in stages if st.kind == "train_vlm")  # the VLMs keep the preset
+    keys = stage_keys(stages)
+    reads_a_dp = {st.name for st in stages if st.kind == "train_dp" or "DP" in st.inputs}
+    assert {n for n in base if base[n] != keys[n]} == reads_a_dp and len(reads_a_dp) == 4 + 6
+    varied = settings(swap.SIZES, "cpu", False, ["oracle_travel_height=[0.11,0.16]"])
+    b = Builder("cpu", False, varied)
+    height = stage_keys(swap.build(b, varied).stages)
+    assert all(height[n] != base[n] for n in base)  # new demonstrations: everything downstream reruns
+    assert next(st for st in b.stages if st.name == "data_small").args["oracle_travel_height"] == "[0.11,0.16]"
+
+
 def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_it_only(copied_configs):
     """Editing a preset file (here configs/dp/cpu.yaml's learning rate) reruns the DP and what reads
     it, not the data or the VLM; an edited comment reruns nothing."""
@@ -199,6 +217,7 @@ def test_dry_run_projects_the_cpu_preset_within_its_budget_and_writes_nothing(tm
     ("data_scaling", ["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ("dataset_generation", ["tasks=Nope"], "unknown task or level 'Nope'"),
     ("swap", ["--report"], "--report: no stage of this run has finished"),
+    ("dataset_generation", ["dp_preset=cpu_rbg"], "dp_preset='cpu_rbg': expected one of ['cpu', 'cpu_rgb', 'paper']"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(tmp_path, name, args, message):
     out = tmp_path / "out"
