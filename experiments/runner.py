@@ -148,10 +148,12 @@ class Runner:
     def plan_lines(self) -> list[str]:
         stages = self.exp.stages
         done = {s.name for s in stages if self.is_done(s.name)}
-        lines = [f"{'':>6} {'stage':<24} {'kind':<10} {'status':<8} {'projected':>10}"]
+        width = max(24, *(len(s.name) for s in stages))
+        lines = [f"{'':>6} {'stage':<{width}} {'kind':<10} {'status':<8} {'projected':>10}"]
         for k, s in enumerate(stages, 1):
             status = "done" if s.name in done else ("partial" if self.folder(s.name).exists() else "todo")
-            lines.append(f"[{k:>2}/{len(stages)}] {s.name:<24} {s.kind:<10} {status:<8} {format_duration(s.estimate):>10}")
+            lines.append(f"[{k:>2}/{len(stages)}] {s.name:<{width}} {s.kind:<10} {status:<8} "
+                         f"{format_duration(s.estimate):>10}")
         total = schedule_length(stages, {s.name: s.estimate for s in stages}, self.jobs, done)
         serial = sum(s.estimate for s in stages if s.name not in done)
         lines.append(f"projected time of what is left: {format_duration(total)} with --jobs {self.jobs} "

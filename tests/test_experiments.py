@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments import ablate_chunking, paper_results, swap, table1  # noqa: E402
+from experiments import ablate_chunking, dataset_generation, paper_results, swap, table1  # noqa: E402
 from experiments.report import Layout, Results, Variant, csv_text, markdown_table  # noqa: E402
 from experiments.runner import schedule_length, start_order  # noqa: E402
 from experiments.stages import Builder, Stage, settings, stage_keys  # noqa: E402
@@ -109,6 +109,18 @@ def test_the_dp_preset_and_travel_height_settings_reach_their_stages_only():
     height = stage_keys(swap.build(b, varied).stages)
     assert all(height[n] != base[n] for n in base)  # new demonstrations: everything downstream reruns
     assert next(st for st in b.stages if st.name == "data_small").args["oracle_travel_height"] == "[0.11,0.16]"
+
+
+@pytest.mark.parametrize("every_step, other, value", [(False, "_every_step", "true"), (True, "_paced", "false")])
+def test_dataset_generation_evaluates_every_dp_under_both_pacings(every_step, other, value):
+    s = settings(dataset_generation.SIZES, "cpu", False, [f"query_every_step={str(every_step).lower()}"])
+    b = Builder("cpu", False, s)
+    layout = dataset_generation.build(b, s).layout
+    evals = {st.name: st.args["QUERY_EVERY_STEP"] for st in b.stages if st.kind == "eval"}
+    dps = ["oracle", "shifted", "relabelled", "vlm_oracle_data"]
+    assert evals == {**{f"eval_{d}": str(every_step).lower() for d in dps}, **{f"eval_{d}{other}": value for d in dps}}
+    assert [v.id for v in layout.variants] == dps + [d + other for d in dps]
+    assert len(layout.checks) == 6 and sum("VLM every step" in c.text for c in layout.checks) == 3
 
 
 def test_a_changed_config_default_changes_the_keys_of_the_stages_that_depend_on_it_only(copied_configs):
