@@ -31,6 +31,13 @@ SIZES = {  # quick: Topple, whose 3-line programs a VLM of 150 steps writes well
 }
 
 
+def best_minus_oracle(results, variants: list[str], suffix: str) -> float | None:
+    """The best average of ``variants`` (ids without the pacing ``suffix``) minus the oracle labels'
+    under the same pacing; None while a cell is missing."""
+    averages = [results.average(v + suffix) for v in variants]
+    return difference(max((a for a in averages if a is not None), default=None), results.average("oracle" + suffix))
+
+
 def build(b, s) -> Experiment:
     from envs import resolve_tasks
 
@@ -54,13 +61,11 @@ def build(b, s) -> Experiment:
                 for suffix, pacing, options in pacings for vid, (label, dp) in dps.items()]
     checks = []
     for suffix, pacing, _ in pacings:
-        checks += [Check(f"{vid} minus oracle labels (average, {pacing})", lambda r, v=vid + suffix, o=suffix:
-                         difference(r.average(v), r.average("oracle" + o)), at_least=0.0)
+        checks += [Check(f"{vid} minus oracle labels (average, {pacing})",
+                         lambda r, v=vid, o=suffix: best_minus_oracle(r, [v], o), at_least=0.0)
                    for vid in ("shifted", "relabelled")]
         checks.append(Check(f"best of shifted and relabelled minus oracle labels (average, {pacing})",
-                            lambda r, o=suffix: difference(max((r.average(v + o) for v in ("shifted", "relabelled")
-                                                                if r.average(v + o) is not None), default=None),
-                                                           r.average("oracle" + o)), at_least=0.0))
+                            lambda r, o=suffix: best_minus_oracle(r, ["shifted", "relabelled"], o), at_least=0.0))
     layout = Layout(
         "Dataset generation (Figure 6): VLM+DP success (%) by the DP's training labels, under two pacings of the VLM",
         variants, [("", tasks)], checks=checks,
@@ -70,8 +75,8 @@ def build(b, s) -> Experiment:
                "same seeds onwards (failed seeds are skipped).",
                pacing_note(s),
                "Each DP is also evaluated under the other pacing (variant ids ending in _every_step or _paced): "
-               "with the image DP of the README (session 34) shifted labels lost 49 points to oracle labels "
-               "DP-paced and won 27 with the VLM queried at every step."])
+               "the paper's reason for shifted and VLM labels is the VLM's timing, which reaches the DP only "
+               "when the VLM is queried at every step (README, Figure 6)."])
     return Experiment("dataset_generation", b.stages, layout)
 
 
