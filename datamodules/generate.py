@@ -62,7 +62,7 @@ def _worker_env(task: str):
 
 def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     """Worker job: solve ``seed`` (oracle or VLM+Oracle) and write its file (or a .failed marker)."""
-    from envs.oracle import ORACLE_VARIATIONS, oracle_variations, run_oracle
+    from envs.oracle import ORACLE_VARIATIONS, not_as_scripted, oracle_variations, run_oracle
     from envs.tabletop import observation_arrays
 
     env = _worker_env(task)
@@ -70,8 +70,7 @@ def solve_and_write(task: str, seed: int) -> tuple[str, int, bool, str, int]:
     if solver["policy"] == "vlm_oracle":
         ep = run_vlm_oracle(env, _WORKER_CFG["planner"], seed)
     else:  # the variations not as scripted (a solver without ranges runs as scripted)
-        varied = {n: solver[n] for n, v in ORACLE_VARIATIONS.items()
-                  if n in solver and tuple(solver[n]) != (v["default"],) * 2}
+        varied = not_as_scripted({n: solver[n] for n in ORACLE_VARIATIONS if n in solver})
         ep = run_oracle(env, seed, record_obs=True, **oracle_variations(seed, varied))
     folder = Path(_WORKER_CFG["out"]) / task
     name = schema.episode_name(seed)
@@ -128,7 +127,7 @@ def solver_config(cfg) -> dict:
     """``{"policy": ..., "vlm": ...}`` (or the oracle's variations, ``envs.oracle.ORACLE_VARIATIONS``:
     ``oracle_speed`` ... as [lo, hi]) of a data config, checked (raises a user error); a config
     without ``policy`` (a programmatic one) is the oracle's."""
-    from envs.oracle import ORACLE_VARIATIONS
+    from envs.oracle import ORACLE_VARIATIONS, not_as_scripted
 
     policy = str(cfg.get("policy", "oracle"))
     if policy not in POLICIES:
@@ -143,7 +142,7 @@ def solver_config(cfg) -> dict:
         if not isinstance(value, list) or len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
             raise ConfigError(f"{name}={value}: expected [lo, hi] with {lo} <= lo <= hi <= {hi}")
         ranges[name] = tuple(value)
-    varied = {n: r for n, r in ranges.items() if r != (ORACLE_VARIATIONS[n]["default"],) * 2}
+    varied = not_as_scripted(ranges)
     if policy == "oracle":
         return {"policy": policy, **ranges}
     if varied:

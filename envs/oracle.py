@@ -157,6 +157,11 @@ def oracle_variation(seed: int, name: str, value_range) -> float:
     return float(np.random.default_rng([int(seed), ORACLE_VARIATIONS[name]["stream"]]).uniform(lo, hi))
 
 
+def not_as_scripted(ranges: dict) -> dict:
+    """The entries of ``ranges`` = {variation name: (lo, hi)} other than [default, default]."""
+    return {n: tuple(r) for n, r in ranges.items() if tuple(r) != (ORACLE_VARIATIONS[n]["default"],) * 2}
+
+
 def oracle_variations(seed: int, ranges: dict) -> dict:
     """``run_code`` keywords of seed ``seed`` for ``ranges`` = {variation name: (lo, hi)}."""
     return {ORACLE_VARIATIONS[n]["keyword"]: oracle_variation(seed, n, r) for n, r in ranges.items()}
