@@ -157,10 +157,9 @@ class Builder:
                 "SEED_START": seed_start, "env.image_size": self.s["image_size"]}
         inputs = {}
         per_step, workers = COSTS["data_step"], self.s["workers"]
-        if vlm is None and self.s["oracle_speed"] != "[1.0,1.0]":
-            args["oracle_speed"] = self.s["oracle_speed"]  # per-seed skill speed (make data, README)
-        if vlm is None and self.s["oracle_travel_height"] != "[0.12,0.12]":
-            args["oracle_travel_height"] = self.s["oracle_travel_height"]  # per-seed travel height (make data)
+        for variation, as_scripted in VARIATIONS.items():  # per-seed skill speed, travel height (make data)
+            if vlm is None and self.s[variation] != as_scripted:
+                args[variation] = self.s[variation]
         if vlm is not None:  # each worker holds a VLM (on the GPU if there is one): as many as evaluate
             args.update(POLICY="vlm_oracle", max_seeds_factor=5)
             inputs["VLM"] = (vlm, "export")
@@ -256,6 +255,9 @@ COMMON = {
               "query_every_step": False, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0, "dp_preset": "cpu",
               "oracle_travel_height": "[0.12,0.12]"},
 }
+# make data's per-seed ranges of the oracle (envs.oracle.ORACLE_VARIATIONS), each with its text when the
+# range is the scripted value (then make data is not given it)
+VARIATIONS = {"oracle_speed": "[1.0,1.0]", "oracle_travel_height": "[0.12,0.12]"}
 # 0 is meaningful for these; other counts are >= 1
 ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end"}
 
@@ -284,6 +286,10 @@ def settings(sizes: dict, preset: str, quick: bool, overrides: list[str]) -> dic
             low = 0 if key in ZERO_OK else 1
             if s[key] < low:
                 raise ConfigError(f"{key}={s[key]}: must be >= {low}")
+        elif key in VARIATIONS:  # one text per range, so that "[0.12, 0.12]" is the default "[0.12,0.12]"
+            from datamodules.generate import variation_range
+
+            s[key] = "[{},{}]".format(*variation_range(key, value))
         else:
             s[key] = value
     from configs import CONFIG_DIR

@@ -111,6 +111,19 @@ def test_the_dp_preset_and_travel_height_settings_reach_their_stages_only():
     assert next(st for st in b.stages if st.name == "data_small").args["oracle_travel_height"] == "[0.11,0.16]"
 
 
+def test_a_range_setting_is_read_as_numbers_so_its_spellings_of_the_default_change_no_key():
+    from envs.oracle import ORACLE_VARIATIONS
+    from experiments.stages import COMMON, VARIATIONS
+
+    assert VARIATIONS == {n: "[{0},{0}]".format(float(v["default"])) for n, v in ORACLE_VARIATIONS.items()}
+    base = stages_of(swap, "cpu", False, "oracle_speed=[1.0,1.0]")
+    for spelling in (["oracle_speed=[1, 1]", "oracle_travel_height=[0.12, 0.12]"], ["oracle_speed=[1.0,1.00]"]):
+        assert stages_of(swap, "cpu", False, *spelling) == base
+    s = settings(swap.SIZES, "cpu", False, ["oracle_speed=[0.6, 1]"])
+    assert s["oracle_speed"] == COMMON["cpu"]["oracle_speed"] == "[0.6,1.0]"
+    assert stages_of(swap, "cpu", False, "oracle_speed=[0.6, 1]") == stages_of(swap, "cpu", False)
+
+
 @pytest.mark.parametrize("every_step, other, value", [(False, "_every_step", "true"), (True, "_paced", "false")])
 def test_dataset_generation_evaluates_every_dp_under_both_pacings(every_step, other, value):
     s = settings(dataset_generation.SIZES, "cpu", False, [f"query_every_step={str(every_step).lower()}"])
@@ -230,6 +243,9 @@ def test_dry_run_projects_the_cpu_preset_within_its_budget_and_writes_nothing(tm
     ("dataset_generation", ["tasks=Nope"], "unknown task or level 'Nope'"),
     ("swap", ["--report"], "--report: no stage of this run has finished"),
     ("dataset_generation", ["dp_preset=cpu_rbg"], "dp_preset='cpu_rbg': expected one of ['cpu', 'cpu_rgb', 'paper']"),
+    ("swap", ["oracle_speed=[1.0,0.6]"], "oracle_speed=[1.0, 0.6]: expected [lo, hi] with 0.2 <= lo <= hi <= 2.0"),
+    ("swap", ["oracle_travel_height=0.12"], "oracle_travel_height=0.12: expected [lo, hi]"),
+    ("swap", ["oracle_travel_height=[0.1,"], "oracle_travel_height=[0.1,: expected [lo, hi]"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(tmp_path, name, args, message):
     out = tmp_path / "out"
