@@ -185,6 +185,8 @@ class Builder:
         args = {"DATASET": ",".join(tasks), "PRESET": preset, "CONDITIONING": conditioning,
                 "trainer.max_steps": steps, "trainer.val_check_interval": max(1, min(int(self.s["dp_val_every"]), steps)),
                 "model.image_size": self.s["image_size"], **extra}
+        if int(self.s["dp_seed"]):  # 0: make train-dp's default seed, left out of the arguments (and the key)
+            args["seed"] = int(self.s["dp_seed"])
         if self.preset == "cpu":
             args["data.num_workers"] = 0  # one core per training (two train side by side)
         if self.quick:
@@ -241,25 +243,27 @@ class Builder:
 # a 13000-step DP, but lowered the demo's 5000-step DP from 59.4 to 34.4 %, README; not in the paper).
 # dp_preset: the DPs' PRESET (configs/dp/<name>.yaml; cpu_rgb: the image DP at CPU size).
 # oracle_travel_height: make data's per-seed range of the oracle's lowest travel height (m).
+# dp_seed: every DP's training seed (make train-dp's seed): another training of the same DPs, with the data
+# and VLMs cached, for the spread between trainings.
 COMMON = {
     "cpu": {"image_size": 64, "workers": 2, "eval_workers": 2, "envs_per_worker": 1, "eval_episodes": 32,
             "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 500, "vlm_val_every": 250,
             "query_every_step": False, "oracle_speed": "[0.6,1.0]", "confirm_line_end": 0, "dp_preset": "cpu",
-            "oracle_travel_height": "[0.12,0.12]"},
+            "oracle_travel_height": "[0.12,0.12]", "dp_seed": 0},
     "paper": {"image_size": 128, "workers": 8, "eval_workers": 1, "envs_per_worker": 8, "eval_episodes": 64,
               "eval_max_steps": 0, "video_episodes": 1, "dp_val_every": 5000, "vlm_val_every": 1000,
               "query_every_step": True, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0, "dp_preset": "paper",
-              "oracle_travel_height": "[0.12,0.12]"},
+              "oracle_travel_height": "[0.12,0.12]", "dp_seed": 0},
     "quick": {"image_size": 32, "workers": 1, "eval_workers": 0, "envs_per_worker": 1, "eval_episodes": 1,
               "eval_max_steps": 20, "video_episodes": 0, "dp_val_every": 5, "vlm_val_every": 6,
               "query_every_step": False, "oracle_speed": "[1.0,1.0]", "confirm_line_end": 0, "dp_preset": "cpu",
-              "oracle_travel_height": "[0.12,0.12]"},
+              "oracle_travel_height": "[0.12,0.12]", "dp_seed": 0},
 }
 # make data's per-seed ranges of the oracle (envs.oracle.ORACLE_VARIATIONS), each with its text when the
 # range is the scripted value (then make data is not given it)
 VARIATIONS = {"oracle_speed": "[1.0,1.0]", "oracle_travel_height": "[0.12,0.12]"}
 # 0 is meaningful for these; other counts are >= 1
-ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end"}
+ZERO_OK = {"eval_max_steps", "video_episodes", "workers", "eval_workers", "confirm_line_end", "dp_seed"}
 
 
 def settings(sizes: dict, preset: str, quick: bool, overrides: list[str]) -> dict:

@@ -111,6 +111,20 @@ def test_the_dp_preset_and_travel_height_settings_reach_their_stages_only():
     assert next(st for st in b.stages if st.name == "data_small").args["oracle_travel_height"] == "[0.11,0.16]"
 
 
+def test_dp_seed_retrains_the_dps_only_with_the_data_and_vlms_cached():
+    base = settings(dataset_generation.SIZES, "cpu", False, [])
+    b = Builder("cpu", False, base)
+    stages = dataset_generation.build(b, base).stages
+    assert not any("seed" in st.args for st in stages)  # the default seed is make train-dp's own
+    again = settings(dataset_generation.SIZES, "cpu", False, ["dp_seed=1"])
+    b = Builder("cpu", False, again)
+    seeded = dataset_generation.build(b, again).stages
+    assert [st.args.get("seed") for st in seeded if st.kind == "train_dp"] == [1] * 4
+    keys, seeded_keys = stage_keys(stages), stage_keys(seeded)
+    reads_a_dp = {st.name for st in stages if st.kind == "train_dp" or "DP" in st.inputs}
+    assert {n for n in keys if keys[n] != seeded_keys[n]} == reads_a_dp and len(reads_a_dp) == 4 + 8
+
+
 def test_a_range_setting_is_read_as_numbers_so_its_spellings_of_the_default_change_no_key():
     from envs.oracle import ORACLE_VARIATIONS
     from experiments.stages import COMMON, VARIATIONS
