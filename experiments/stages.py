@@ -157,10 +157,9 @@ class Builder:
                 "SEED_START": seed_start, "env.image_size": self.s["image_size"]}
         inputs = {}
         per_step, workers = COSTS["data_step"], self.s["workers"]
-        for variation, as_scripted in VARIATIONS.items():  # per-seed skill speed, travel height (make data)
-            if vlm is None and self.s[variation] != as_scripted:
-                args[variation] = self.s[variation]
-        if vlm is not None:  # each worker holds a VLM (on the GPU if there is one): as many as evaluate
+        if vlm is None:  # per-seed skill speed, travel height (make data); VLM+Oracle runs the skills as scripted
+            args.update({n: self.s[n] for n, as_scripted in VARIATIONS.items() if self.s[n] != as_scripted})
+        else:  # each worker holds a VLM (on the GPU if there is one): as many as evaluate
             args.update(POLICY="vlm_oracle", max_seeds_factor=5)
             inputs["VLM"] = (vlm, "export")
             per_step, workers = 2 * per_step, max(1, int(self.s["eval_workers"]))  # VLM queries, failed seeds
