@@ -33,7 +33,8 @@ COSTS = {
     "train_dp_step": 0.25,       # cpu preset state DP, batch 64: about 4 steps/s
     "train_dp_step_rgb": 0.45,   # cpu_rgb image DP: 6000 steps in 38 min alone with two threads (session 33),
                                  # x 1.2 side by side as for the state DP; an estimate, not measured side by side
-    "train_vlm_step": 0.9,       # cpu preset tiny LLaVA: about 1.1 steps/s
+    "train_vlm_step": 0.6,       # cpu preset tiny LLaVA beside a DP: 0.34-0.65 s per step in the runs of
+                                 # sessions 9-36 (the 2-task VLM of Figure 6 0.34, Swap 0.55, Table 1 0.65)
     "relabel_step": 0.012,       # one VLM query per data step (early stopping, prefix cache)
     "eval_step": {"oracle": 0.008, "flat_dp": 0.015, "vlm_oracle": 0.02, "vlm_dp": 0.035, "dp_oracle": 0.035},
 }

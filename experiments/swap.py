@@ -19,7 +19,8 @@ from experiments.report import Check, Layout, Variant, difference, pacing_note  
 from experiments.runner import Experiment, run_experiment  # noqa: E402
 
 SIZES = {  # small / large: Swap demonstrations (the paper's two sizes are not in its text)
-    # dp_steps: 3000 left the DPs at 0-25 % (session 17), 10000 (sessions 18-35) projected 2:25 from nothing
+    # dp_steps: 3000 left the DPs at 0-25 % (session 17); 7000: DP+Oracle 31/32 and 32/32, the whole run
+    # 1:31 from nothing (session 36; 10000 was projected at 2:25)
     "cpu": {"small": 50, "large": 200, "vlm_steps": 2000, "dp_steps": 7000},
     "paper": {"small": 500, "large": 2000, "vlm_steps": 10000, "dp_steps": 200000},
     "quick": {"small": 3, "large": 4, "vlm_steps": 6, "dp_steps": 10},
